@@ -1,0 +1,1 @@
+"""Checkpoint converters: import weights from other formats into Hugging Face layouts."""
