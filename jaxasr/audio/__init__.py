@@ -1,0 +1,1 @@
+"""Audio loading and the Whisper log-mel front end."""

@@ -1,0 +1,43 @@
+"""Audio decoding to 16 kHz mono float32: any format libsndfile reads (wav, flac, ogg, mp3...)."""
+
+import io
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+
+class AudioError(ValueError):
+    """Audio that cannot be turned into samples; the message names the file and the reason."""
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+    """Decode the file at `path` to mono float32 at `sample_rate`."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    return _decode(path, sample_rate, str(path))
+
+
+def decode_audio_bytes(data: bytes, sample_rate: int = 16000, name: str = "<bytes>") -> np.ndarray:
+    """Decode an in-memory audio file to mono float32 at `sample_rate`; `name` labels errors."""
+    return _decode(io.BytesIO(data), sample_rate, name)
+
+
+def _decode(source: Path | BinaryIO, sample_rate: int, name: str) -> np.ndarray:
+    try:
+        samples, rate = sf.read(source, dtype="float32", always_2d=True)
+    except sf.SoundFileError as e:  # unknown format, corrupt stream...
+        reason = " ".join(getattr(e, "error_string", str(e)).split())  # keep it one line
+        raise AudioError(f"{name}: cannot decode audio ({reason})") from e
+    if samples.size == 0:
+        raise AudioError(f"{name}: no audio samples")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{name}: non-finite samples (NaN or inf)")
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)

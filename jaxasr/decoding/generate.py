@@ -1,0 +1,158 @@
+"""Batched greedy and beam search for Whisper with a preallocated KV cache.
+
+Each search is one `nnx.jit` program: the encoder runs once, cross-attention keys/values are
+projected once, and the decoder loop runs under `jax.lax.while_loop` over a fixed-size cache, so a
+(batch, max_new_tokens[, beam]) bucket compiles once. Sequences end independently at end-of-text;
+the loop stops when all have ended. Rules (prompt, suppression) follow Hugging Face's Whisper
+`generate`, which is the reference the tests compare with token for token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxasr.decoding.prompt import DecodingRules
+from jaxasr.models.whisper import KVCache, Whisper
+
+NEG_INF = -jnp.inf
+
+
+def max_new_tokens_for(model: Whisper, rules: DecodingRules, requested: int | None = None) -> int:
+    """Generated-token budget: what was asked, capped by max_length and the position table."""
+    limit = min(rules.max_length, model.cfg.max_target_positions) - len(rules.prompt)
+    return limit if requested is None else max(1, min(requested, limit))
+
+
+def _suppress(scores: jax.Array, rules: DecodingRules, first_step) -> jax.Array:
+    """-inf on suppress_tokens always and on begin_suppress_tokens at the first generated token."""
+    vocab = scores.shape[-1]
+    always = np.zeros(vocab, bool)
+    always[[t for t in rules.suppress_tokens if t < vocab]] = True
+    begin = np.zeros(vocab, bool)
+    begin[[t for t in rules.begin_suppress_tokens if t < vocab]] = True
+    mask = jnp.asarray(always) | (jnp.asarray(begin) & first_step)
+    return jnp.where(mask, NEG_INF, scores)
+
+
+def _start(model: Whisper, features, rules: DecodingRules, max_new_tokens: int, repeat: int = 1):
+    """Encode, project cross-attention K/V, run the prompt through the decoder."""
+    cross_k, cross_v = model.decoder.cross_kv(model.encode(features))
+    if repeat > 1:  # one copy per beam, beams of an utterance adjacent
+        cross_k, cross_v = jnp.repeat(cross_k, repeat, axis=1), jnp.repeat(cross_v, repeat, axis=1)
+    rows = features.shape[0] * repeat
+    cache = KVCache.zeros(model.cfg, rows, len(rules.prompt) + max_new_tokens)
+    prompt = jnp.broadcast_to(jnp.asarray(rules.prompt, jnp.int32), (rows, len(rules.prompt)))
+    logits, cache = model.decode(prompt, cross_kv=(cross_k, cross_v), cache=cache, index=0)
+    return (cross_k, cross_v), cache, logits[:, -1].astype(jnp.float32)
+
+
+@nnx.jit(static_argnames=("rules", "max_new_tokens"))
+def greedy_search(model: Whisper, features: jax.Array, rules: DecodingRules, max_new_tokens: int) -> jax.Array:
+    """features [B, n_mels, frames] -> generated tokens [B, max_new_tokens], end-of-text padded."""
+    batch, prompt_len = features.shape[0], len(rules.prompt)
+    cross, cache, logits = _start(model, features, rules, max_new_tokens)
+    tokens = jnp.full((batch, max_new_tokens), rules.eot, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < max_new_tokens) & ~done.all()
+
+    def body(state):
+        step, tokens, cache, logits, done = state
+        nxt = jnp.argmax(_suppress(logits, rules, step == 0), axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, rules.eot, nxt)
+        tokens = tokens.at[:, step].set(nxt)
+        done = done | (nxt == rules.eot)
+        logits, cache = model.decode(nxt[:, None], cross_kv=cross, cache=cache, index=prompt_len + step)
+        return step + 1, tokens, cache, logits[:, -1].astype(jnp.float32), done
+
+    _, tokens, *_ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, cache, logits, done))
+    return tokens
+
+
+@nnx.jit(static_argnames=("rules", "max_new_tokens", "beam_size", "length_penalty"))
+def beam_search(
+    model: Whisper,
+    features: jax.Array,
+    rules: DecodingRules,
+    max_new_tokens: int,
+    beam_size: int,
+    length_penalty: float = 1.0,
+) -> jax.Array:
+    """Beam search as Hugging Face's (early_stopping=False): at each step the top 2K candidates;
+    end-of-text candidates ranked within the top K join a pool of K finished hypotheses scored
+    sum_logprob / length**length_penalty; the other best K continue. An utterance is done when its
+    pool is full and no running beam can beat the pool's worst. Returns [B, max_new_tokens]."""
+    batch, k, prompt_len = features.shape[0], beam_size, len(rules.prompt)
+    cross, cache, logits = _start(model, features, rules, max_new_tokens, repeat=k)
+    vocab = logits.shape[-1]
+    rows = jnp.arange(batch)[:, None]
+
+    def normalized(total, length):
+        return total / jnp.power(length.astype(jnp.float32), length_penalty)
+
+    state = dict(
+        step=jnp.int32(0),
+        seqs=jnp.full((batch, k, max_new_tokens), rules.eot, jnp.int32),
+        scores=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF), (batch, 1)),  # only beam 0 at start
+        cache=cache,
+        logits=logits,
+        fin_seqs=jnp.full((batch, k, max_new_tokens), rules.eot, jnp.int32),
+        fin_scores=jnp.full((batch, k), NEG_INF),
+        done=jnp.zeros((batch,), bool),
+    )
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~s["done"].all()
+
+    def body(s):
+        step = s["step"]
+        logp = _suppress(jax.nn.log_softmax(s["logits"]), rules, step == 0).reshape(batch, k, vocab)
+        cand = (s["scores"][:, :, None] + logp).reshape(batch, k * vocab)
+        top_scores, top_idx = jax.lax.top_k(cand, 2 * k)
+        parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        cand_seqs = s["seqs"][rows, parent].at[:, :, step].set(token)  # [B, 2K, T]
+
+        # Finished: end-of-text among the top K candidates, into the pool of the K best.
+        ended = (token == rules.eot) & (jnp.arange(2 * k) < k) & jnp.isfinite(top_scores) & ~s["done"][:, None]
+        new_fin = jnp.where(ended, normalized(top_scores, step + 1), NEG_INF)
+        pool_scores = jnp.concatenate([s["fin_scores"], new_fin], axis=1)
+        pool_seqs = jnp.concatenate([s["fin_seqs"], cand_seqs], axis=1)
+        fin_scores, pick = jax.lax.top_k(pool_scores, k)
+        fin_seqs = pool_seqs[rows, pick]
+
+        # Running: the best K candidates that did not end.
+        scores, keep = jax.lax.top_k(jnp.where(token == rules.eot, NEG_INF, top_scores), k)
+        seqs = cand_seqs[rows, keep]
+        beam_rows = (jnp.arange(batch)[:, None] * k + parent[rows, keep]).reshape(-1)
+        cache = jax.tree.map(lambda a: jnp.take(a, beam_rows, axis=1), s["cache"])
+        nxt = token[rows, keep].reshape(-1, 1)
+
+        # HF's is_done (early_stopping=False): the best running beam cannot beat the worst kept.
+        pool_full = jnp.isfinite(fin_scores).all(axis=1)
+        best_possible = normalized(scores[:, 0], step + 1)
+        done = s["done"] | (pool_full & (fin_scores[:, -1] >= best_possible))
+
+        logits, cache = model.decode(nxt, cross_kv=cross, cache=cache, index=prompt_len + step)
+        return dict(step=step + 1, seqs=seqs, scores=scores, cache=cache,
+                    logits=logits[:, -1].astype(jnp.float32), fin_seqs=fin_seqs, fin_scores=fin_scores, done=done)
+
+    s = jax.lax.while_loop(cond, body, state)
+    # Utterances that hit the length limit: running beams compete with the pool (HF's finalize).
+    running = jnp.where(s["done"][:, None], NEG_INF, normalized(s["scores"], s["step"]))
+    all_scores = jnp.concatenate([s["fin_scores"], running], axis=1)
+    all_seqs = jnp.concatenate([s["fin_seqs"], s["seqs"]], axis=1)
+    best = jnp.argmax(all_scores, axis=1)
+    return all_seqs[jnp.arange(batch), best]
+
+
+@nnx.jit(static_argnames=("sot", "language_tokens"))
+def detect_language(model: Whisper, features: jax.Array, sot: int, language_tokens: tuple[int, ...]) -> jax.Array:
+    """Most likely language token per utterance from the first decoder step after <|startoftranscript|>."""
+    logits, _ = model.decode(jnp.full((features.shape[0], 1), sot, jnp.int32), model.encode(features))
+    lang = jnp.asarray(language_tokens)
+    return lang[jnp.argmax(logits[:, -1, lang], axis=-1)]
