@@ -115,3 +115,24 @@ def test_bad_sources_name_the_problem(tmp_path, capsys):
         load_checkpoint(tmp_path / "llama")
     with pytest.raises(ValueError, match="unknown bundled model"):
         load_checkpoint("bundled:large-v9")
+
+
+def test_hub_ids_download_metadata_and_safetensors_only(tmp_path, tokenizer, monkeypatch):
+    """The hub path without a network: huggingface_hub is stubbed with a local snapshot."""
+    import huggingface_hub
+
+    save_reference(tmp_path / "snapshot", tokenizer)
+    calls = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls["snapshot"] = (repo_id, allow_patterns)
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo_id: ["config.json", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ckpt = load_checkpoint("openai/whisper-test")
+    repo_id, patterns = calls["snapshot"]
+    assert repo_id == "openai/whisper-test"
+    assert "model.safetensors" in patterns and "pytorch_model.bin" not in patterns
+    assert ckpt.config().d_model == SIZES["d_model"]
