@@ -6,8 +6,8 @@ without its last frame, power spectrum, Slaney mel filters, log10 clamped at 1e-
 the clip's maximum minus 8, then (x + 4) / 4.
 """
 
+from collections.abc import Sequence
 from functools import lru_cache, partial
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +24,12 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
 
 _PAD = N_FFT // 2  # centering pad on each side
 _N_BINS = N_FFT // 2 + 1
-_LOG_ZERO = -10.0  # log10 of the 1e-10 clamp: the value of an all-zero frame
+_LOG_ZERO = np.float32(-10.0)  # log10 of the 1e-10 clamp: the value of an all-zero frame
+_CHUNK = 128  # frames per FFT call
 
 
 def _hertz_to_mel(freq: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: linear below 1 kHz, logarithmic above (same operations as transformers)."""
+    """Slaney mel scale, linear below 1 kHz and logarithmic above, as transformers computes it."""
     mels = 3.0 * freq / 200.0
     log_region = freq >= 1000.0
     mels[log_region] = 15.0 + np.log(freq[log_region] / 1000.0) * (27.0 / np.log(6.4))
@@ -105,9 +106,15 @@ def _frames(audio: np.ndarray, padding: int) -> np.ndarray:
     # Frame t covers samples [t * HOP_LENGTH - _PAD, t * HOP_LENGTH + _PAD). When the audio
     # reaches the right reflect padding this gives n_frames, so no frame is wrongly skipped.
     n_active = min(n_frames, -(-(n_audio + _PAD) // HOP_LENGTH))
-    span = (n_active - 1) * HOP_LENGTH + N_FFT  # centered samples those frames cover
-    body = min(padding, span - _PAD)
-    padded = np.pad(pad_or_trim(audio, body), (_PAD, span - _PAD - body), mode="reflect")
+    span = (n_active - 1) * HOP_LENGTH + N_FFT  # samples of the centered signal they cover
+    padded = np.zeros(span, np.float32)
+    n_copy = min(n_audio, span - _PAD)
+    padded[_PAD : _PAD + n_copy] = audio[:n_copy]
+    padded[:_PAD] = padded[2 * _PAD : _PAD : -1]  # reflect padding, as torch.stft
+    right = span - _PAD - padding
+    if right > 0:
+        end = _PAD + padding
+        padded[end:] = padded[end - 2 : end - 2 - right : -1]
     # Frames as columns: the FFT then writes [bins, n], which the sparse mel matmul reads
     # row by row and which is already the output layout.
     return np.lib.stride_tricks.as_strided(
@@ -115,29 +122,36 @@ def _frames(audio: np.ndarray, padding: int) -> np.ndarray:
     )
 
 
-def _log10_mel(frames: np.ndarray, n_mels: int) -> np.ndarray:
-    """Clamped log10 mel power [n_mels, n] of windowed frames [N_FFT, n] (overwritten)."""
-    spectrum = scipy.fft.rfft(frames, axis=0, overwrite_x=True)
-    power = spectrum.real**2 + spectrum.imag**2
-    mel = _mel_filters_sparse(n_mels) @ power
-    return np.log10(np.maximum(mel, 1e-10, out=mel), out=mel)
-
-
-def _write_features(log_mel: np.ndarray, out: np.ndarray) -> None:
-    """Fill one clip's features `out` [n_mels, n_frames] from the log10 mel [n_mels, n] of its
-    first n frames; the other frames are all zero. Floors at the clip's max - 8 (80 dB)."""
-    n = log_mel.shape[1]
-    peak = log_mel.max() if n == out.shape[1] else max(log_mel.max(), np.float32(_LOG_ZERO))
-    floor = peak - np.float32(8.0)
-    out[:, :n] = (np.maximum(log_mel, floor) + 4.0) / 4.0
-    out[:, n:] = (max(floor, np.float32(_LOG_ZERO)) + 4.0) / 4.0
+def _log_mel_into(audio: np.ndarray, padding: int, out: np.ndarray) -> None:
+    """Write one clip's features into `out` [n_mels, padding // HOP_LENGTH]."""
+    n_mels, n_frames = out.shape
+    frames = _frames(audio, padding)
+    log_mel = out[:, : frames.shape[1]]
+    # A few frames at a time: the buffers stay in cache and under malloc's mmap threshold,
+    # which measured 2x faster than whole-clip arrays.
+    for start in range(0, frames.shape[1], _CHUNK):
+        windowed = frames[:, start : start + _CHUNK] * _hann_window()[:, None]
+        spectrum = scipy.fft.rfft(windowed, axis=0, overwrite_x=True)
+        power = spectrum.real**2
+        power += spectrum.imag**2
+        log_mel[:, start : start + _CHUNK] = _mel_filters_sparse(n_mels) @ power
+    np.log10(np.maximum(log_mel, 1e-10, out=log_mel), out=log_mel)
+    # Skipped frames are all zero, i.e. _LOG_ZERO; they count towards the clip's maximum.
+    peak = log_mel.max() if log_mel.shape[1] == n_frames else max(log_mel.max(), _LOG_ZERO)
+    floor = peak - 8.0
+    np.maximum(log_mel, floor, out=log_mel)
+    log_mel += 4.0
+    log_mel /= 4.0
+    out[:, log_mel.shape[1] :] = (max(floor, _LOG_ZERO) + 4.0) / 4.0
 
 
 def log_mel_numpy(audio: np.ndarray, n_mels: int = 80, padding: int = N_SAMPLES) -> np.ndarray:
-    """Log-mel features float32 [n_mels, padding // HOP_LENGTH] of one 16 kHz mono clip."""
-    frames = _frames(audio, padding)
+    """Log-mel features float32 [n_mels, padding // HOP_LENGTH] of one 16 kHz mono clip.
+
+    Single-threaded: parallelize across clips with processes (data-loader workers).
+    """
     features = np.empty((n_mels, padding // HOP_LENGTH), np.float32)
-    _write_features(_log10_mel(frames * _hann_window()[:, None], n_mels), features)
+    _log_mel_into(audio, padding, features)
     return features
 
 
@@ -146,17 +160,12 @@ def log_mel_numpy_batch(
 ) -> np.ndarray:
     """Log-mel features float32 [B, n_mels, padding // HOP_LENGTH] of several clips.
 
-    All clips' frames go through one FFT and one matmul, which amortizes per-call overhead.
+    Clip by clip: one big FFT over all clips' frames measured slower, as its buffers spill
+    out of cache.
     """
-    frames = [_frames(audio, padding) for audio in audios]
-    bounds = np.cumsum([0] + [f.shape[1] for f in frames])
-    windowed = np.empty((N_FFT, bounds[-1]), np.float32)
-    for f, start, stop in zip(frames, bounds[:-1], bounds[1:]):
-        np.multiply(f, _hann_window()[:, None], out=windowed[:, start:stop])
-    log_mel = _log10_mel(windowed, n_mels)
-    features = np.empty((len(frames), n_mels, padding // HOP_LENGTH), np.float32)
-    for out, start, stop in zip(features, bounds[:-1], bounds[1:]):
-        _write_features(log_mel[:, start:stop], out)
+    features = np.empty((len(audios), n_mels, padding // HOP_LENGTH), np.float32)
+    for audio, out in zip(audios, features):
+        _log_mel_into(audio, padding, out)
     return features
 
 
@@ -166,19 +175,11 @@ def log_mel_jax(audio: jax.Array, n_mels: int = 80) -> jax.Array:
 
     T is normally N_SAMPLES (see `pad_or_trim`); every frame is computed, as shapes are static.
     """
-    batch, n_samples = audio.shape
-    n_frames = n_samples // HOP_LENGTH
+    n_frames = audio.shape[1] // HOP_LENGTH
     padded = jnp.pad(audio.astype(jnp.float32), ((0, 0), (_PAD, _PAD)), mode="reflect")
-    # Frames and hops are whole numbers of `block` samples, so framing is a reshape plus
-    # `per_frame` strided slices, which is cheaper than a gather.
-    block = np.gcd(N_FFT, HOP_LENGTH)
-    per_frame, per_hop = N_FFT // block, HOP_LENGTH // block
-    n_blocks = per_hop * (n_frames - 1) + per_frame
-    blocks = padded[:, : n_blocks * block].reshape(batch, n_blocks, block)
-    frames = jnp.concatenate(
-        [blocks[:, j : j + per_hop * (n_frames - 1) + 1 : per_hop] for j in range(per_frame)],
-        axis=-1,
-    )
+    # A gather with iota indices: on CPU it beat reshape-and-concatenate framing by 3x.
+    starts = jnp.arange(n_frames) * HOP_LENGTH
+    frames = padded[:, starts[:, None] + jnp.arange(N_FFT)]
     spectrum = jnp.fft.rfft(frames * _hann_window(), axis=-1)
     power = spectrum.real**2 + spectrum.imag**2
     # HIGHEST keeps float32 on GPUs/TPUs, whose default (TF32/bf16) breaks parity.
