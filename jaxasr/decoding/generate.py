@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxasr.decoding.prompt import DecodingRules
-from jaxasr.models.whisper import KVCache, Whisper
+from jaxasr.models.whisper import KVCache, Whisper, per_layer
 
 NEG_INF = -jnp.inf
 
@@ -39,14 +39,15 @@ def _suppress(scores: jax.Array, rules: DecodingRules, first_step) -> jax.Array:
 
 def _start(model: Whisper, features, rules: DecodingRules, max_new_tokens: int, repeat: int = 1):
     """Encode, project cross-attention K/V, run the prompt through the decoder."""
-    cross_k, cross_v = model.decoder.cross_kv(model.encode(features))
+    cross = model.decoder.cross_kv(model.encode(features))  # [layers, batch, ...]
     if repeat > 1:  # one copy per beam, beams of an utterance adjacent
-        cross_k, cross_v = jnp.repeat(cross_k, repeat, axis=1), jnp.repeat(cross_v, repeat, axis=1)
+        cross = jax.tree.map(lambda a: jnp.repeat(a, repeat, axis=1), cross)
+    cross = per_layer(model.cfg, cross)
     rows = features.shape[0] * repeat
     cache = KVCache.zeros(model.cfg, rows, len(rules.prompt) + max_new_tokens)
     prompt = jnp.broadcast_to(jnp.asarray(rules.prompt, jnp.int32), (rows, len(rules.prompt)))
-    logits, cache = model.decode(prompt, cross_kv=(cross_k, cross_v), cache=cache, index=0)
-    return (cross_k, cross_v), cache, logits[:, -1].astype(jnp.float32)
+    logits, cache = model.decode(prompt, cross_kv=cross, cache=cache, index=0)
+    return cross, cache, logits[:, -1].astype(jnp.float32)
 
 
 @nnx.jit(static_argnames=("rules", "max_new_tokens"))

@@ -119,7 +119,10 @@ class WhisperConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Decoder self-attention cache for all layers: k, v are [layers, batch, max_len, heads, head_dim]."""
+    """Decoder self-attention cache for all layers: k, v are [layers, batch, heads, max_len, head_dim].
+
+    Head-major, like the cross-attention keys/values: the per-step attention then reads them
+    without a transpose, which on CPU otherwise costs more than the attention itself."""
 
     k: jax.Array
     v: jax.Array
@@ -127,7 +130,7 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg: WhisperConfig, batch: int, max_len: int) -> KVCache:
         heads = cfg.decoder_attention_heads
-        shape = (cfg.decoder_layers, batch, max_len, heads, cfg.d_model // heads)
+        shape = (cfg.decoder_layers, batch, heads, max_len, cfg.d_model // heads)
         return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
@@ -147,6 +150,17 @@ def _attend(q, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None):
     if blocked:
         return _blocked_attention(q, k, v, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+
+
+def _attend_head_major(q, kh, vh, mask=None):
+    """Attention of q [batch, len, heads, head_dim] over head-major keys/values [batch, heads, T,
+    head_dim] (decoder caches and cross-attention); `mask` [len, T] marks the keys each query sees."""
+    scores = jnp.einsum("bshd,bhtd->bhst", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), kh,
+                        preferred_element_type=jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
+    return jnp.einsum("bhst,bhtd->bshd", probs, vh, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 _QUERY_BLOCK = 150  # queries per block: the [batch, heads, block, T] scores stay cache-sized
@@ -182,11 +196,16 @@ class Attention(nnx.Module):
         self.out_proj = Dense((num_heads, hd), (d,), out_axes, **kw)
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [batch, length, heads, head_dim]."""
         return self.k_proj(x), self.v_proj(x)
 
     def __call__(self, x, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None) -> jax.Array:
         out = _attend(self.q_proj(x), k, v, cfg, is_causal=is_causal, mask=mask)
         return self.out_proj(out)
+
+    def attend_head_major(self, x, kh, vh, mask=None) -> jax.Array:
+        """Attention over head-major keys/values [batch, heads, T, head_dim] (caches)."""
+        return self.out_proj(_attend_head_major(self.q_proj(x), kh, vh, mask))
 
 
 class MLP(nnx.Module):
@@ -235,14 +254,16 @@ class DecoderLayer(nnx.Module):
         if cache is None:
             x = x + self.self_attn(h, k, v, cfg, is_causal=True)
         else:
-            start = (layer, 0, index, 0, 0)
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                            jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
-            max_len = cache.k.shape[2]
+            start = (layer, 0, 0, index, 0)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype), start),
+                jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3)[None].astype(cache.v.dtype), start),
+            )
+            max_len = cache.k.shape[3]
             # Query t (at position index + t) sees cached keys at positions <= index + t.
             mask = jnp.arange(max_len)[None, :] <= index + jnp.arange(x.shape[1])[:, None]
-            x = x + self.self_attn(h, cache.k[layer], cache.v[layer], cfg, mask=mask[None, None])
-        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), cross_k, cross_v, cfg)
+            x = x + self.self_attn.attend_head_major(h, cache.k[layer], cache.v[layer], mask)
+        x = x + self.encoder_attn.attend_head_major(self.encoder_attn_layer_norm(x), cross_k, cross_v)
         x = x + self.mlp(self.final_layer_norm(x))
         return constrain(x, ("batch", "length", "embed")), cache
 
@@ -278,8 +299,20 @@ def _run_stack(layers: nnx.Module, n: int, cfg: WhisperConfig, body, carry, xs):
     graphdef, state = nnx.split(layers)
     for i in range(n):
         layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-        carry = body(layer, carry, jax.tree.map(lambda a: a[i], xs), i)
+        x_i = xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs)
+        carry = body(layer, carry, x_i, i)
     return carry
+
+
+def per_layer(cfg: WhisperConfig, stacked):
+    """A layer-stacked tree as a list of per-layer trees for the unrolled loop (unchanged under scan).
+
+    Decoding slices the cross-attention keys/values once, before its loop, instead of at every
+    step: on CPU those per-step copies cost more than the rest of the step."""
+    if cfg.scan_layers:
+        return stacked
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- model
@@ -325,17 +358,20 @@ class WhisperDecoder(nnx.Module):
         self.cfg = cfg
 
     def cross_kv(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Cross-attention keys and values of every layer, [layers, batch, frames, heads, head_dim]:
-        computed once per utterance for decoding."""
+        """Cross-attention keys and values of every layer, head-major [layers, batch, heads, frames,
+        head_dim]: computed once per utterance for decoding."""
 
         @nnx.vmap(in_axes=(0, None), out_axes=0)
         def project(layer, enc):
-            return layer.encoder_attn.kv(enc)
+            k, v = layer.encoder_attn.kv(enc)
+            return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
         return project(self.layers, encoded)
 
-    def __call__(self, tokens, cross_k, cross_v, cache: KVCache | None = None, index=0):
-        """tokens [batch, len] at positions index.. -> (logits [batch, len, vocab], updated cache)."""
+    def __call__(self, tokens, cross_kv, cache: KVCache | None = None, index=0):
+        """tokens [batch, len] at positions index.. -> (logits [batch, len, vocab], updated cache).
+
+        `cross_kv`: from `cross_kv`, stacked or as `per_layer` gives it."""
         cfg = self.cfg
         positions = index + jnp.arange(tokens.shape[1])
         scale = cfg.d_model**0.5 if cfg.scale_embedding else 1.0
@@ -345,7 +381,7 @@ class WhisperDecoder(nnx.Module):
             x, cache = carry
             return layer(x, kv[0], kv[1], cfg, cache, i, index)
 
-        x, cache = _run_stack(self.layers, cfg.decoder_layers, cfg, body, (x, cache), (cross_k, cross_v))
+        x, cache = _run_stack(self.layers, cfg.decoder_layers, cfg, body, (x, cache), cross_kv)
         x = self.layer_norm(x)
         logits = self.embed_tokens.attend(x)  # Whisper ties the output projection to the embedding
         return constrain(logits, ("batch", "length", "vocab")), cache
@@ -366,7 +402,7 @@ class Whisper(nnx.Module):
     def decode(self, tokens, encoded=None, *, cross_kv=None, cache: KVCache | None = None, index=0):
         if cross_kv is None:
             cross_kv = self.decoder.cross_kv(encoded)
-        return self.decoder(tokens, *cross_kv, cache=cache, index=index)
+        return self.decoder(tokens, cross_kv, cache=cache, index=index)
 
     def __call__(self, features: jax.Array, decoder_input_ids: jax.Array) -> jax.Array:
         logits, _ = self.decode(decoder_input_ids, self.encode(features))
