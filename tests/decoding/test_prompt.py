@@ -131,7 +131,8 @@ def test_multilingual_prompt(language, task, prompt):
 @pytest.fixture(scope="module")
 def hf_multilingual():
     """A random, very small multilingual transformers Whisper (only its prompt logic is used)."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     config = transformers.WhisperConfig(vocab_size=51865, d_model=16, encoder_layers=1, decoder_layers=1,
                                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
                                         decoder_ffn_dim=16, max_source_positions=8, num_mel_bins=8)
