@@ -1,16 +1,20 @@
 """Benchmark end-to-end transcription speed: jaxasr vs transformers (PyTorch) vs faster-whisper.
 
     python tools/bench_transcribe.py [--clips 32] [--batch-size 16] [--model bundled:tiny.en]
-                                     [--repeats 3] [--skip-transformers] [--skip-faster-whisper]
-                                     [--skip-int8] [--fw-mode auto|batched|sequential] [--profile]
+                                     [--repeats 3] [--order interleaved|sequential]
+                                     [--skip-jaxasr] [--skip-transformers] [--skip-faster-whisper]
+                                     [--skip-int8] [--fw-mode auto|batched|sequential]
+                                     [--xla-flags FLAGS] [--profile] [--show-texts]
 
 The clips are synthesized English speech (jaxasr.audio.tts: everyday, medical and banking
-sentences, a few voices and rates, 3-8 s each), cached under the system temp dir. Every system
-transcribes the same clips, greedy, no timestamps, batch `--batch-size`, one after another in this
-process: first a warm-up run on the same clips (compilation, lazy initialization; reported
-separately), then `--repeats` timed runs, the best of which counts (on a shared host noise only
-adds time). Speed is audio seconds per wall second, and each system's WER/CER against the
-reference sentences shows that speed is not bought with wrong output. Ratios print last.
+sentences, five voices, a range of speaking rates, 3-8 s each), cached under the system temp dir.
+Every system transcribes the same clips, greedy, no timestamps, batch `--batch-size`, in this one
+process: first one warm-up run per system on the same clips (compilation, lazy initialization;
+reported separately as "warm-up s"), then `--repeats` timed runs per system, round-robin over the
+systems by default so that load from other processes on a shared host falls on all of them
+alike; the best run counts (noise only ever adds time). Speed is audio seconds per wall second;
+each system's WER/CER against the reference sentences (jaxasr.scoring.error_rates) shows that
+speed is not bought with wrong output. Ratios (speed of jaxasr / speed of the other) print last.
 
 Timed work per system (audio arrays in, texts out):
   jaxasr          Transcriber.transcribe: host log-mel, one jitted encoder+greedy program per batch,
@@ -18,10 +22,16 @@ Timed work per system (audio arrays in, texts out):
   transformers    WhisperProcessor features + WhisperForConditionalGeneration.generate + batch_decode;
   faster-whisper  BatchedInferencePipeline.transcribe over the clips joined into one array with
                   `clip_timestamps` at the clip boundaries (so the clips form batches of
-                  `--batch-size`), or, if that fails, WhisperModel.transcribe clip by clip.
+                  `--batch-size`), or, if that fails, WhisperModel.transcribe clip by clip
+                  (`--fw-mode` forces either); fp32 and int8 compute types.
 
-`--profile` adds a breakdown of where jaxasr and transformers spend their time (features,
-encoder alone, decoder loop, host overhead).
+Threads: OMP/MKL/OpenBLAS, torch intra-op and ctranslate2 cpu_threads are all os.cpu_count();
+XLA:CPU uses its default pool (all cores). `--xla-flags` sets XLA_FLAGS before jax loads, e.g.
+`--xla-flags=--xla_cpu_experimental_ynn_fusion_type=` (XLA:CPU YNNPACK fusions off).
+
+`--profile` adds a per-batch breakdown of where jaxasr and transformers spend their time
+(features, encoder alone, cross K/V + prompt, decoder loop, host overhead), including the jaxasr
+programs compiled with YNNPACK fusions off.
 """
 
 from __future__ import annotations
@@ -175,40 +185,58 @@ class Result:
         return self.cpu_times[self.times.index(self.best)]
 
 
-def measure(name: str, mode: str, load_s: float, run: Callable[[], list[str]], repeats: int) -> Result:
-    start = time.perf_counter()
-    run()
-    warmup = time.perf_counter() - start
-    times, cpu, texts = [], [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        texts = run()
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return Result(name, mode, load_s, warmup, times, cpu, texts)
+@dataclasses.dataclass
+class System:
+    """A loaded system: `run` transcribes the clips and returns one text per clip."""
+
+    name: str
+    mode: str
+    load_s: float
+    run: Callable[[], list[str]]
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(run: Callable[[], list[str]]) -> tuple[float, float, list[str]]:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    texts = run()
+    return time.perf_counter() - start, time.process_time() - start_cpu, texts
+
+
+def measure(systems: list[System], repeats: int, order: str) -> list[Result]:
+    """A warm-up run of each system, then `repeats` timed runs of each: round-robin
+    (`interleaved`, so that load from other processes on a shared host falls on all systems
+    alike) or all runs of one system before the next (`sequential`)."""
+    results = []
+    for system in systems:
+        warmup, _, _ = timed(system.run)
+        results.append(Result(system.name, system.mode, system.load_s, warmup, [], [], []))
+        if order == "sequential":
+            for _ in range(repeats):
+                _measure_once(system, results[-1])
+    if order == "interleaved":
+        for _ in range(repeats):
+            for system, result in zip(systems, results):
+                _measure_once(system, result)
+    return results
+
+
+def _measure_once(system: System, result: Result) -> None:
+    wall, cpu, texts = timed(system.run)
+    result.times.append(wall)
+    result.cpu_times.append(cpu)
+    result.texts = texts
 
 
 # --------------------------------------------------------------------------- systems
 
 
-def bench_jaxasr(ckpt, audios: list[np.ndarray], args) -> Result:
+def bench_jaxasr(ckpt, audios: list[np.ndarray], args) -> System:
     from jaxasr.decoding.transcriber import Transcriber
 
     start = time.perf_counter()
     language = args.language if ckpt.generation_config.get("is_multilingual") else None
     tr = Transcriber(ckpt, batch_size=args.batch_size, beam_size=1, language=language)
     load = time.perf_counter() - start
-    return measure("jaxasr", "Transcriber fp32", load, lambda: tr.transcribe(audios), args.repeats)
+    return System("jaxasr", "Transcriber fp32", load, lambda: tr.transcribe(audios))
 
 
 def load_transformers(hf_dir: Path):
@@ -227,7 +255,7 @@ def transformers_generate_kwargs(model, args) -> dict:
     return kw
 
 
-def bench_transformers(hf_dir: Path, audios: list[np.ndarray], args) -> Result:
+def bench_transformers(hf_dir: Path, audios: list[np.ndarray], args) -> System:
     import torch
 
     start = time.perf_counter()
@@ -246,7 +274,7 @@ def bench_transformers(hf_dir: Path, audios: list[np.ndarray], args) -> Result:
         return texts
 
     attn = getattr(model.config, "_attn_implementation", "?")
-    return measure("transformers", f"PyTorch fp32 generate, attn={attn}", load, run, args.repeats)
+    return System("transformers", f"PyTorch fp32 generate, attn={attn}", load, run)
 
 
 def faster_whisper_dir(args, ckpt, hf_dir: Path, work: Path) -> Path:
@@ -270,7 +298,7 @@ FW_OPTIONS = dict(beam_size=1, without_timestamps=True, condition_on_previous_te
                   vad_filter=False)
 
 
-def bench_faster_whisper(model_dir: Path, compute_type: str, audios: list[np.ndarray], args, mode: str) -> Result:
+def bench_faster_whisper(model_dir: Path, compute_type: str, audios: list[np.ndarray], args, mode: str) -> System:
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     start = time.perf_counter()
@@ -312,7 +340,8 @@ def bench_faster_whisper(model_dir: Path, compute_type: str, audios: list[np.nda
     run = batched if mode == "batched" else sequential
     label = (f"BatchedInferencePipeline batch={args.batch_size}" if mode == "batched"
              else "WhisperModel.transcribe per clip")
-    return measure(f"faster-whisper-{compute_type}", f"{label}, ct2 {compute_type}", load, run, args.repeats)
+    short = "fp32" if compute_type == "float32" else compute_type
+    return System(f"faster-whisper-{short}", f"{label}, ct2 {compute_type}", load, run)
 
 
 # --------------------------------------------------------------------------- profile
@@ -461,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-faster-whisper", action="store_true")
     p.add_argument("--skip-int8", action="store_true", help="faster-whisper fp32 only")
+    p.add_argument("--order", choices=["interleaved", "sequential"], default="interleaved",
+                   help="timed runs round-robin over the systems (default; fair on a shared host) or "
+                        "all of one system's runs before the next's")
     p.add_argument("--fw-mode", choices=["auto", "batched", "sequential"], default="auto")
     p.add_argument("--profile", action="store_true", help="also break down jaxasr and transformers per batch")
     p.add_argument("--no-ynn-variant", action="store_true",
@@ -511,28 +543,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"threads: {thread_report()}")
     print(f"{len(clips)} clips, {total_audio:.1f} s of audio ({min(seconds):.1f}-{max(seconds):.1f} s each, "
           f"{len({c.voice for c in clips})} voices; synthesized/loaded in {synth_s:.1f} s, cache {args.cache_dir})")
-    print(f"batch {args.batch_size}, greedy, no timestamps; warm-up run then best of {args.repeats}\n")
+    print(f"batch {args.batch_size}, greedy, no timestamps; a warm-up run of each system, then best of "
+          f"{args.repeats} timed runs ({args.order})\n")
 
-    results: list[Result] = []
-
-    def record(r: Result) -> None:
-        rates = error_rates(refs, r.texts)
-        r.wer, r.cer = rates["wer"], rates["cer"]
-        results.append(r)
-        print(f"  done {r.name:24s} best {r.best:7.2f} s  ({total_audio / r.best:6.1f} audio s/s)  WER {r.wer:5.2f}%")
-
+    systems: list[System] = []
     if not args.skip_jaxasr:
-        record(bench_jaxasr(ckpt, audios, args))
+        systems.append(bench_jaxasr(ckpt, audios, args))
     if not args.skip_transformers:
-        record(bench_transformers(hf_dir, audios, args))
+        systems.append(bench_transformers(hf_dir, audios, args))
     if not args.skip_faster_whisper:
         fw_dir = faster_whisper_dir(args, ckpt, hf_dir, work)
         mode = args.fw_mode
         for compute_type in ("float32",) + (() if args.skip_int8 else ("int8",)):
-            r = bench_faster_whisper(fw_dir, compute_type, audios, args, mode)
-            mode = "batched" if r.mode.startswith("Batched") else "sequential"  # same for both types
-            r.name = "faster-whisper-" + ("fp32" if compute_type == "float32" else compute_type)
-            record(r)
+            system = bench_faster_whisper(fw_dir, compute_type, audios, args, mode)
+            mode = "batched" if system.mode.startswith("Batched") else "sequential"  # the same for both
+            systems.append(system)
+
+    results = measure(systems, args.repeats, args.order)
+    for r in results:
+        rates = error_rates(refs, r.texts)
+        r.wer, r.cer = rates["wer"], rates["cer"]
 
     header = (f"{'system':22s} {'audio s/s':>9s} {'best s':>7s} {'median s':>8s} {'cpu s':>6s} {'warm-up s':>9s} "
               f"{'load s':>6s} {'WER %':>6s} {'CER %':>6s}  mode")
