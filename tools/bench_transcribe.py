@@ -242,6 +242,12 @@ def bench_jaxasr(ckpt, audios: list[np.ndarray], args) -> System:
 def load_transformers(hf_dir: Path):
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from transformers.utils import logging as hf_logging
+
+    # generate()'s per-call notes (no attention mask: Whisper's encoder input has no padding mask
+    # to give; generation_config plus suppress lists) and the weight-loading progress bar.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     processor = WhisperProcessor.from_pretrained(hf_dir)
     model = WhisperForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
