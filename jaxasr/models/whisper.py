@@ -233,7 +233,7 @@ class EncoderLayer(nnx.Module):
         h = self.self_attn_layer_norm(x)
         x = x + self.self_attn(h, *self.self_attn.kv(h), cfg)
         x = x + self.mlp(self.final_layer_norm(x))
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class DecoderLayer(nnx.Module):
@@ -265,7 +265,7 @@ class DecoderLayer(nnx.Module):
             x = x + self.self_attn.attend_head_major(h, cache.k[layer], cache.v[layer], mask)
         x = x + self.encoder_attn.attend_head_major(self.encoder_attn_layer_norm(x), cross_k, cross_v)
         x = x + self.mlp(self.final_layer_norm(x))
-        return constrain(x, ("batch", "length", "embed")), cache
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
 def _stacked(make, n: int, rngs: nnx.Rngs):
@@ -339,7 +339,7 @@ class WhisperEncoder(nnx.Module):
         x = jax.nn.gelu(self.conv1(features.transpose(0, 2, 1)), approximate=False)
         x = jax.nn.gelu(self.conv2(x), approximate=False)
         x = x + self.embed_positions[...].astype(x.dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
         def body(layer, x, _, __):
             return layer(x, cfg)
@@ -384,7 +384,7 @@ class WhisperDecoder(nnx.Module):
         x, cache = _run_stack(self.layers, cfg.decoder_layers, cfg, body, (x, cache), cross_kv)
         x = self.layer_norm(x)
         logits = self.embed_tokens.attend(x)  # Whisper ties the output projection to the embedding
-        return constrain(logits, ("batch", "length", "vocab")), cache
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab")), cache
 
 
 class Whisper(nnx.Module):

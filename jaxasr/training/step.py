@@ -1,0 +1,127 @@
+"""The jitted train step: forward, label-smoothed cross-entropy, gradients, Optax update.
+
+The model is split once into (graphdef, trainable, frozen, rest): gradients are taken only with
+respect to `trainable`, so frozen parameters (an encoder, a base model under LoRA) cost no
+backward pass and no optimizer state. Shardings are explicit on both sides of the jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxasr.parallel.mesh import LOGICAL_RULES, batch_sharding, opt_state_shardings, replicated, state_shardings
+
+# Batch keys the step reads; the host pipeline may send more (they are dropped before the device).
+BATCH_KEYS = ("features", "encoded", "decoder_input_ids", "labels", "loss_mask", "is_text")
+
+
+def path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def trainable_filter(freeze: Sequence[str]) -> Callable:
+    """nnx filter: a Param whose 'a/b/c' path matches none of the `freeze` regexes."""
+    patterns = [re.compile(p) for p in freeze]
+
+    def keep(path, var) -> bool:
+        return isinstance(var, nnx.Param) and not any(p.search(path_str(path)) for p in patterns)
+
+    return keep
+
+
+def token_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0):
+    """(mean loss over masked tokens, metrics). Label smoothing as Hugging Face's LabelSmoother:
+    (1 - eps) * NLL + eps * mean over the vocabulary of -log p."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    per_token = nll if not label_smoothing else (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    tokens = mask.sum()
+    denom = jnp.maximum(tokens, 1.0)
+    loss = (per_token * mask).sum() / denom
+    correct = ((jnp.argmax(logits, -1) == labels) * mask).sum()
+    return loss, {"loss": loss, "nll": (nll * mask).sum() / denom, "accuracy": correct / denom, "tokens": tokens}
+
+
+def model_loss(model, batch: dict[str, jax.Array], label_smoothing: float):
+    """Whisper's loss on a batch. Rows flagged text-only carry no audio; Whisper skips them (a
+    speech LLM places their tokens where audio embeddings go)."""
+    if "encoded" in batch:  # precomputed encoder outputs (frozen-encoder recipes)
+        logits, _ = model.decode(batch["decoder_input_ids"], batch["encoded"])
+    else:
+        logits = model(batch["features"], batch["decoder_input_ids"])
+    mask = batch["loss_mask"] * (~batch["is_text"])[:, None].astype(jnp.float32)
+    return token_loss(logits, batch["labels"], mask, label_smoothing)
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """Holds the split model, the optimizer and their shardings; `__call__` runs one step."""
+
+    graphdef: Any
+    trainable: nnx.State
+    frozen: nnx.State
+    opt_state: Any
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
+               freeze: Sequence[str] = (), label_smoothing: float = 0.0, rules=LOGICAL_RULES) -> TrainStep:
+        """Place the model on the mesh by its logical axes and initialize the optimizer there."""
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter(freeze), ...)
+        trainable = jax.device_put(trainable, state_shardings(trainable, mesh, rules))
+        frozen = jax.device_put(frozen, state_shardings(frozen, mesh, rules))
+        shapes = jax.eval_shape(tx.init, trainable)
+        opt_shardings = opt_state_shardings(tx, shapes, state_shardings(trainable, mesh, rules), mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+        step = cls(graphdef, trainable, frozen, opt_state, tx, mesh, label_smoothing)
+        step._rules = rules
+        step._compile()
+        return step
+
+    def _compile(self) -> None:
+        shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+        self.shardings = (shard(self.trainable), shard(self.frozen), shard(self.opt_state))
+        graphdef, tx, ls = self.graphdef, self.tx, self.label_smoothing
+
+        def step(trainable, frozen, opt_state, batch):
+            def loss_fn(trainable):
+                model = nnx.merge(graphdef, trainable, frozen)
+                return model_loss(model, batch, ls)
+
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            metrics["grad_norm"] = optax.global_norm(grads)
+            return trainable, opt_state, metrics
+
+        t, f, o = self.shardings
+        self._step = jax.jit(step, in_shardings=(t, f, o, None), out_shardings=(t, o, replicated(self.mesh)),
+                             donate_argnums=(0, 2))
+
+    def batch_shardings(self, batch: dict[str, Any]) -> dict[str, NamedSharding]:
+        return {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+
+    def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self._rules):
+            self.trainable, self.opt_state, metrics = self._step(self.trainable, self.frozen, self.opt_state, batch)
+        return metrics
+
+    def lower(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
+        """Ahead-of-time lowering for memory and FLOP analysis (no data needed)."""
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self._rules):
+            return self._step.lower(self.trainable, self.frozen, self.opt_state, batch_shapes)
+
+    def model(self) -> nnx.Module:
+        """The current model (a view over the trained state, for evaluation and export)."""
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
