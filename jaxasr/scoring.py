@@ -16,10 +16,11 @@ def normalizer(language: str | None = "en", spelling: dict[str, str] | None = No
     return BasicTextNormalizer(remove_diacritics=False)
 
 
-def error_rates(
+def error_counts(
     references: Sequence[str], hypotheses: Sequence[str], normalize: Callable[[str], str] | None = None
-) -> dict[str, float]:
-    """{'wer': ..., 'cer': ...} in percent over the whole set (not averaged per utterance).
+) -> dict[str, int]:
+    """Edit counts of a set (or of one process's share of it): summing them over shards and then
+    calling `rates_from_counts` gives exactly the WER/CER of the whole set.
 
     Pairs whose normalized reference is empty are left out (there is nothing to score them by) and
     counted in 'skipped'."""
@@ -28,12 +29,33 @@ def error_rates(
     normalize = normalize or normalizer("en")
     pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses)]
     kept = [(r, h) for r, h in pairs if r.strip()]
-    if not kept:
+    counts = {"word_errors": 0, "words": 0, "char_errors": 0, "chars": 0, "utterances": len(kept),
+              "skipped": len(pairs) - len(kept)}
+    if kept:
+        refs, hyps = [r for r, _ in kept], [h for _, h in kept]
+        w = jiwer.process_words(refs, hyps)
+        c = jiwer.process_characters(refs, hyps)
+        counts["word_errors"] = w.substitutions + w.deletions + w.insertions
+        counts["words"] = w.substitutions + w.deletions + w.hits
+        counts["char_errors"] = c.substitutions + c.deletions + c.insertions
+        counts["chars"] = c.substitutions + c.deletions + c.hits
+    return counts
+
+
+def rates_from_counts(counts: dict[str, int]) -> dict[str, float]:
+    """{'wer', 'cer'} in percent (plus the utterance counts) from summed `error_counts`."""
+    if not counts["words"]:
         raise ValueError("no reference with any words left after normalization")
-    refs, hyps = [r for r, _ in kept], [h for _, h in kept]
     return {
-        "wer": 100.0 * jiwer.wer(refs, hyps),
-        "cer": 100.0 * jiwer.cer(refs, hyps),
-        "utterances": len(kept),
-        "skipped": len(pairs) - len(kept),
+        "wer": 100.0 * counts["word_errors"] / counts["words"],
+        "cer": 100.0 * counts["char_errors"] / max(counts["chars"], 1),
+        "utterances": counts["utterances"],
+        "skipped": counts["skipped"],
     }
+
+
+def error_rates(
+    references: Sequence[str], hypotheses: Sequence[str], normalize: Callable[[str], str] | None = None
+) -> dict[str, float]:
+    """{'wer': ..., 'cer': ...} in percent over the whole set (not averaged per utterance)."""
+    return rates_from_counts(error_counts(references, hypotheses, normalize))

@@ -231,11 +231,11 @@ def build_optimizer(cfg, params) -> tuple[optax.GradientTransformation, WerPolic
             c["peak_lr"], warmup_steps=int(c["warmup_steps"]), decay=c["decay"], total_steps=c["total_steps"]
         ),
     )
+    if int(c["grad_accum_steps"]) > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=int(c["grad_accum_steps"])).gradient_transformation()
     if c["freeze"]:
         # Outside MultiSteps, so that frozen leaves are MaskedNode everywhere below: no
         # moments, no accumulation buffers, and the norm clip sees only trainable gradients.
         labels = _by_path(lambda p: "frozen" if _matches(c["freeze"], p) else "train")
         tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    if int(c["grad_accum_steps"]) > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=int(c["grad_accum_steps"])).gradient_transformation()
     return tx, _wer_policy(c)

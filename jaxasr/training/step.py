@@ -102,7 +102,7 @@ class TrainStep:
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
             updates, opt_state = tx.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = optax.tree.norm(grads)
             return trainable, opt_state, metrics
 
         t, f, o = self.shardings

@@ -204,3 +204,13 @@ def test_policy_validation():
     for bad in (dict(patience=0), dict(factor=0.0), dict(factor=1.5), dict(min_scale=-1), dict(early_stop_patience=0)):
         with pytest.raises(ValueError):
             S.WerPolicy(**bad)
+
+
+def test_observe_keeps_shardings():
+    # A train step jitted with explicit in_shardings rejects a committed array laid out
+    # differently, so the new scalars must keep the old placement.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(_state(), replicated)
+    state = S.calibrate(S.observe(state, 12.0, S.WerPolicy()), 30.0)
+    assert all(x.sharding == replicated for x in jax.tree.leaves(state))
