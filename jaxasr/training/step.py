@@ -19,13 +19,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxasr.parallel.mesh import LOGICAL_RULES, batch_sharding, opt_state_shardings, replicated, state_shardings
+from jaxasr.training.optimizer import path_str
 
 # Batch keys the step reads; the host pipeline may send more (they are dropped before the device).
 BATCH_KEYS = ("features", "encoded", "decoder_input_ids", "labels", "loss_mask", "is_text")
-
-
-def path_str(path: Sequence[Any]) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def trainable_filter(freeze: Sequence[str]) -> Callable:
@@ -122,6 +119,20 @@ class TrainStep:
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self._rules):
             return self._step.lower(self.trainable, self.frozen, self.opt_state, batch_shapes)
 
+    def model_dict(self) -> dict:
+        """All variables (trainable and frozen) as one nested dict of arrays: the checkpoint's model item."""
+        return nnx.to_pure_dict(nnx.merge_state(self.trainable, self.frozen))
+
+    def load_model_dict(self, pure: dict) -> None:
+        """Inverse of `model_dict` (arrays keep the shardings they were restored with)."""
+        for state in (self.trainable, self.frozen):
+            nnx.replace_by_pure_dict(state, _subset(pure, nnx.to_pure_dict(state)))
+
     def model(self) -> nnx.Module:
         """The current model (a view over the trained state, for evaluation and export)."""
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+def _subset(pure: dict, like: dict) -> dict:
+    """The entries of `pure` at the paths present in `like`."""
+    return {k: _subset(pure[k], v) if isinstance(v, dict) else pure[k] for k, v in like.items()}
