@@ -1,32 +1,37 @@
 """Per-example steps of the host pipeline as Grain map / random-map transforms.
 
 An example is a dict (see `jaxasr.data.sources` for what a source yields). A transform that finds
-the example bad does not raise: it returns `{"skip": reason, "message": ...}` and every later
-transform passes such a marker through untouched, so the batcher can count it by reason
-(`jaxasr.data.errors.REASONS`) instead of the pipeline stopping or silently dropping data.
+the example bad does not raise: it returns a skip marker `{"skip": reason, "message", "id"}` and
+every later transform passes such a marker through untouched, so the batcher can count it by
+reason (`jaxasr.data.errors.REASONS`) instead of the pipeline stopping or silently dropping data.
+Examples that carry precomputed encoder outputs (`encoded`) pass the audio steps untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
+import soundfile as sf
 import soxr
 
 from jaxasr.audio import augment
-from jaxasr.audio.features import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, log_mel_numpy
+from jaxasr.audio.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_numpy
 from jaxasr.audio.io import AudioError, decode_audio_bytes
-from jaxasr.data.errors import DataError
+from jaxasr.data.errors import DataError, is_skip, skip_marker
 from jaxasr.data.text import WhisperTargets, corrupt_text, decode_text
 
 Example = dict[str, Any]
+MAX_SECONDS = N_SAMPLES / SAMPLE_RATE  # the model's window: 30 s
 
 
 def skipped(example: Example) -> bool:
-    return "skip" in example
+    return is_skip(example)
 
 
 def _guard(fn, example: Example, *args) -> Example:
@@ -35,7 +40,7 @@ def _guard(fn, example: Example, *args) -> Example:
     try:
         return fn(example, *args)
     except DataError as e:
-        return {"skip": e.reason, "message": str(e), "id": example.get("id", "")}
+        return skip_marker(e, str(example.get("id", "")))
 
 
 class _Map(grain.transforms.Map):
@@ -54,39 +59,89 @@ class _RandomMap(grain.transforms.RandomMap):
         raise NotImplementedError
 
 
+def _name(ex: Example) -> str:
+    return str(ex.get("id") or "<example>")
+
+
+@dataclasses.dataclass
+class CleanText(_Map):
+    """Checks the transcript (UTF-8, not empty) and normalizes its whitespace; runs before the
+    audio is decoded so that cheap checks come first."""
+
+    def apply(self, ex: Example) -> Example:
+        return {**ex, "text": decode_text(ex.get("text", ""), _name(ex))}
+
+
 @dataclasses.dataclass
 class DecodeAudio(_Map):
     """Encoded bytes or raw samples -> float32 mono at `sample_rate`; validates the samples.
 
-    `max_seconds=None` lets long clips through (a later crop handles them)."""
+    A rate the example declares must match the encoded file's own rate. `max_seconds=None` lets
+    long clips through (multi-scale concatenation or long-form evaluation handles them)."""
 
     sample_rate: int = SAMPLE_RATE
-    max_seconds: float | None = N_SAMPLES / SAMPLE_RATE
+    max_seconds: float | None = MAX_SECONDS
 
     def apply(self, ex: Example) -> Example:
-        name = ex.get("id") or "<example>"
+        if "encoded" in ex:
+            return ex
+        name = _name(ex)
         if "audio_bytes" in ex:
-            try:
-                audio = decode_audio_bytes(ex["audio_bytes"], self.sample_rate, name)
-            except AudioError as e:
-                reason = ("audio_empty" if "no audio samples" in str(e)
-                          else "audio_nonfinite" if "non-finite" in str(e) else "audio_undecodable")
-                raise DataError(reason, str(e)) from e
-        else:
+            audio = _decode_bytes(ex, name, self.sample_rate)
+        elif "audio" in ex:
             audio = _samples(ex, name, self.sample_rate)
-        if self.max_seconds is not None and len(audio) > self.max_seconds * self.sample_rate + 1:
-            raise DataError("audio_too_long", f"{name}: {len(audio) / self.sample_rate:.1f} s is longer than "
-                                              f"{self.max_seconds:g} s")
+        else:
+            raise DataError("audio_missing", f"{name}: example has no audio")
         out = {k: v for k, v in ex.items() if k != "audio_bytes"}
         out["audio"] = audio
         out["sample_rate"] = self.sample_rate
-        return out
+        return check_length(out, self.max_seconds)
+
+
+def check_length(ex: Example, max_seconds: float | None) -> Example:
+    """`ex` unchanged, or DataError("audio_too_long") if its audio exceeds `max_seconds`."""
+    rate = ex["sample_rate"]
+    if max_seconds is not None and len(ex["audio"]) > max_seconds * rate + 1:
+        raise DataError("audio_too_long", f"{_name(ex)}: {len(ex['audio']) / rate:.1f} s is longer "
+                                          f"than {max_seconds:g} s")
+    return ex
+
+
+@dataclasses.dataclass
+class LimitDuration(_Map):
+    max_seconds: float = MAX_SECONDS
+
+    def apply(self, ex: Example) -> Example:
+        return ex if "encoded" in ex else check_length(ex, self.max_seconds)
+
+
+def _decode_bytes(ex: Example, name: str, sample_rate: int) -> np.ndarray:
+    data = bytes(ex["audio_bytes"])
+    declared = int(ex.get("sample_rate") or 0)
+    try:
+        if declared:
+            # Header only: a record that says 8 kHz over a 16 kHz file is corrupt metadata.
+            actual = sf.info(io.BytesIO(data)).samplerate
+            if actual != declared:
+                raise DataError("sample_rate", f"{name}: declared {declared} Hz but the audio is {actual} Hz")
+        return decode_audio_bytes(data, sample_rate, name)
+    except AudioError as e:
+        msg = str(e)
+        reason = ("audio_empty" if "no audio samples" in msg
+                  else "audio_nonfinite" if "non-finite" in msg else "audio_undecodable")
+        raise DataError(reason, msg) from e
+    except DataError:
+        raise
+    except (sf.SoundFileError, RuntimeError, ValueError, TypeError) as e:  # libsndfile, soxr on odd input
+        raise DataError("audio_undecodable", f"{name}: cannot decode audio ({e})") from e
 
 
 def _samples(ex: Example, name: str, sample_rate: int) -> np.ndarray:
     audio = np.asarray(ex["audio"])
     if audio.ndim == 2:  # [time, channels]
         audio = audio.mean(axis=1)
+    if audio.ndim != 1:
+        raise DataError("audio_undecodable", f"{name}: audio of shape {audio.shape}")
     if audio.dtype == np.int16:
         audio = audio.astype(np.float32) / 32768.0
     audio = audio.astype(np.float32, copy=False)
@@ -110,7 +165,7 @@ class SpeedPerturb(_RandomMap):
     prob: float = 1.0
 
     def apply(self, ex: Example, rng: np.random.Generator) -> Example:
-        if rng.random() >= self.prob:
+        if "audio" not in ex or rng.random() >= self.prob:
             return ex
         factor = float(rng.choice(self.factors))
         if factor == 1.0:
@@ -129,7 +184,7 @@ class AddNoise(_RandomMap):
     noise_clips: Sequence[np.ndarray] = ()
 
     def apply(self, ex: Example, rng: np.random.Generator) -> Example:
-        if rng.random() >= self.prob:
+        if "audio" not in ex or rng.random() >= self.prob:
             return ex
         audio = ex["audio"]
         if len(self.noise_clips):
@@ -146,7 +201,7 @@ class Gain(_RandomMap):
     gain_db: tuple[float, float] = (-6.0, 6.0)
 
     def apply(self, ex: Example, rng: np.random.Generator) -> Example:
-        if rng.random() >= self.prob:
+        if "audio" not in ex or rng.random() >= self.prob:
             return ex
         return {**ex, "audio": augment.apply_gain(ex["audio"], float(rng.uniform(*self.gain_db)))}
 
@@ -158,15 +213,19 @@ class LogMel(_Map):
     n_mels: int = 80
 
     def apply(self, ex: Example) -> Example:
+        if "encoded" in ex:
+            return ex
         audio = ex["audio"]
         out = {k: v for k, v in ex.items() if k != "audio"}
         out["features"] = log_mel_numpy(audio, self.n_mels)
-        out["valid_frames"] = min(len(audio) // HOP_LENGTH, N_SAMPLES // HOP_LENGTH)
+        out["valid_frames"] = min(len(audio) // HOP_LENGTH, N_FRAMES)
         return out
 
 
 @dataclasses.dataclass
 class SpecAugment(_RandomMap):
+    """SpecAugment on the real frames only (see `jaxasr.audio.augment.spec_augment`)."""
+
     prob: float = 1.0
     num_freq_masks: int = 2
     freq_mask_width: int = 27
@@ -175,7 +234,7 @@ class SpecAugment(_RandomMap):
     time_mask_ratio: float = 0.05
 
     def apply(self, ex: Example, rng: np.random.Generator) -> Example:
-        if rng.random() >= self.prob:
+        if "features" not in ex or rng.random() >= self.prob:
             return ex
         features = augment.spec_augment(
             ex["features"], rng, valid_frames=ex.get("valid_frames"),
@@ -185,16 +244,27 @@ class SpecAugment(_RandomMap):
         return {**ex, "features": features}
 
 
+def _check_budget(n: int, limit: int | None, reason: str, what: str, name: str) -> None:
+    if limit is not None and n > limit:
+        raise DataError(reason, f"{name}: {n} {what} exceed the limit of {limit}")
+
+
 @dataclasses.dataclass
 class Tokenize(_Map):
-    """Transcript -> decoder inputs, labels and loss mask with Whisper's prompt (see data.text)."""
+    """Transcript -> decoder inputs, labels and loss mask with Whisper's prompt (see data.text).
+
+    `max_tokens` (the largest label bucket) is checked here so that a long transcript is a
+    counted skip and never a batching error; labels are never truncated."""
 
     targets: WhisperTargets
+    max_tokens: int | None = None
 
     def apply(self, ex: Example) -> Example:
-        name = ex.get("id") or "<example>"
+        name = _name(ex)
         text = decode_text(ex.get("text", ""), name)
-        return {**ex, "text": text, **self.targets.encode(text, name)}
+        encoded = self.targets.encode(text, name)
+        _check_budget(len(encoded["labels"]), self.max_tokens, "label_too_long", "decoder tokens", name)
+        return {**ex, "text": text, **encoded}
 
 
 @dataclasses.dataclass
@@ -206,18 +276,71 @@ class TextOnly(_Map):
     targets: WhisperTargets
     seed: int = 0
     corrupt: bool = True
+    max_tokens: int | None = None
+    max_text_tokens: int | None = None
 
     def apply(self, ex: Example) -> Example:
-        name = ex.get("id") or "<example>"
+        name = _name(ex)
         text = decode_text(ex.get("text", ""), name)
-        seed = (self.seed * 1_000_003 + _stable_hash(name)) % 2**32
-        source = corrupt_text(text, seed) if self.corrupt else text
-        out = {k: v for k, v in ex.items() if k not in ("audio", "audio_bytes")}
-        return {**out, "text": text, "text_tokens": self.targets.encode_text_only(source),
-                **self.targets.encode(text, name)}
+        source = corrupt_text(text, derive_seed(self.seed, name)) if self.corrupt else text
+        text_tokens = self.targets.encode_text_only(source, name)
+        _check_budget(len(text_tokens), self.max_text_tokens, "text_too_long", "text tokens", name)
+        encoded = self.targets.encode(text, name)
+        _check_budget(len(encoded["labels"]), self.max_tokens, "label_too_long", "decoder tokens", name)
+        out = {k: v for k, v in ex.items() if k not in ("audio", "audio_bytes", "sample_rate")}
+        return {**out, "text": text, "text_tokens": text_tokens, **encoded}
 
 
-def _stable_hash(s: str) -> int:
-    import zlib
+def derive_seed(seed: int, *names: str | int) -> int:
+    """A 32-bit seed for one use of `seed` (a component, a transform), stable across processes."""
+    key = ":".join(str(n) for n in (seed, *names))
+    return zlib.crc32(key.encode("utf-8"))
 
-    return zlib.crc32(s.encode("utf-8"))
+
+class MultiScale(grain.MapDataset):
+    """Multi-scale temporal transform: with probability `prob`, draw a target length from
+    `scales` (seconds, jittered, at most `max_seconds`) and append the next whole utterances of
+    the (shuffled) parent, with `gap_seconds` of silence and their transcripts, while the total
+    stays within it. Transcripts are never cut: only whole utterances keep audio and text aligned.
+    Seeded per index, so it is deterministic and resumable. Expects decoded, text-checked input."""
+
+    def __init__(self, parent: grain.MapDataset, *, seed: int, scales: Sequence[float] = (5.0, 10.0, 20.0, 30.0),
+                 prob: float = 0.5, gap_seconds: float = 0.2, max_parts: int = 8,
+                 max_seconds: float = MAX_SECONDS):
+        super().__init__(parent)
+        self.seed, self.scales, self.prob = seed, tuple(scales), prob
+        self.gap_seconds, self.max_parts, self.max_seconds = gap_seconds, max_parts, max_seconds
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"MultiScale(scales={self.scales}, prob={self.prob})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        first = self._parent[index]
+        rng = np.random.default_rng([self.seed, index])
+        if skipped(first) or "audio" not in first or rng.random() >= self.prob:
+            return first
+        target = min(augment.draw_target_seconds(rng, self.scales), self.max_seconds)
+        rate = first["sample_rate"]
+        audios, texts = [first["audio"]], [first["text"]]
+        total = len(first["audio"]) / rate
+        # Neighbours beyond the end come from the next epoch's order (indices wrap in Grain).
+        for k in range(1, self.max_parts):
+            nxt = self._parent[index + k]
+            if skipped(nxt):
+                continue  # counted when it is reached as an example of its own
+            extra = len(nxt["audio"]) / rate + self.gap_seconds
+            if total + extra > target:
+                break
+            audios.append(nxt["audio"])
+            texts.append(nxt["text"])
+            total += extra
+        if len(audios) == 1:
+            return first
+        audio, text = augment.concat_utterances(audios, texts, self.gap_seconds, rate)
+        return {**first, "audio": audio, "text": text, "id": f"{first.get('id', '')}+{len(audios) - 1}",
+                "duration": len(audio) / rate}

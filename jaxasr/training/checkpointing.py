@@ -44,6 +44,9 @@ class Checkpoints:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
             create=True,
+            # Orbax writes a step's metrics only when it tracks a best metric.
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode="min",
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
@@ -52,9 +55,7 @@ class Checkpoints:
 
     def best_step(self) -> int | None:
         """The step with the lowest `best_metric` among the kept checkpoints that have metrics."""
-        scored = [(m[self.best_metric], s) for s in self.manager.all_steps()
-                  if self.best_metric and (m := self.manager.metrics(s)) and self.best_metric in m]
-        return min(scored)[1] if scored else None
+        return self.manager.best_step() if self.best_metric else None
 
     def save(self, step: int, *, model: dict, opt_state: Any, data_iter: Any, meta: dict,
              metrics: dict[str, float] | None = None, force: bool = False) -> bool:

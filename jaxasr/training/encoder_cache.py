@@ -20,19 +20,6 @@ from jaxasr.data import transforms as T
 from jaxasr.training.optimizer import param_paths
 
 
-class EncodedSource:
-    """In-memory random-access source of {id, encoded, text, ...} (or skip markers for bad clips)."""
-
-    def __init__(self, examples: list[dict]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.examples[index]
-
-
 @nnx.jit
 def _encode(model, features):
     return model.encode(features)
@@ -69,8 +56,8 @@ def check_encoder_frozen(freeze: Sequence[str], model) -> None:
 
 
 def encoded_sources(model, data_cfg, *, n_mels: int, freeze: Sequence[str], process_index: int = 0,
-                    process_count: int = 1) -> dict[str, EncodedSource]:
-    """An EncodedSource for every audio component of `data_cfg.train` (all rows: the pipeline
+                    process_count: int = 1) -> dict[str, data_sources.InMemorySource]:
+    """An in-memory source of encoder outputs for every audio component of `data_cfg.train` (all rows: the pipeline
     takes this process's share of them as it does of any source)."""
     del process_index, process_count  # every process encodes the whole (small) set; see module doc
     check_encoder_frozen(freeze, model)
@@ -84,5 +71,5 @@ def encoded_sources(model, data_cfg, *, n_mels: int, freeze: Sequence[str], proc
         if ds_cfg.kind != "audio":
             continue
         source = data_sources.make_source(ds_cfg)
-        out[name] = EncodedSource(encode_examples(model, [source[i] for i in range(len(source))], n_mels=n_mels))
+        out[name] = data_sources.InMemorySource(encode_examples(model, [source[i] for i in range(len(source))], n_mels=n_mels))
     return out
