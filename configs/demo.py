@@ -11,14 +11,14 @@ the schedule and picks the best checkpoint; the domain test set and a general-do
 (forgetting) are measured before and after.
 """
 
+from jaxasr.data.pipeline import dataset_config
 from jaxasr.training.trainer import default_config
 
 DATA = "build/demo"
 
 
 def _set(name: str) -> dict:
-    return dict(source="arrayrecord", path=f"{DATA}/{name}/arrayrecord", tfds_name="", split="", data_dir="",
-                fields="", weight=1.0, kind="audio")
+    return dataset_config(source="arrayrecord", path=f"{DATA}/{name}/arrayrecord")
 
 
 def get_config():

@@ -63,6 +63,7 @@ def _pin_threads(argv: list[str]) -> int:
 N_THREADS = _pin_threads(sys.argv[1:])
 
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -302,7 +303,13 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"(rel {rel:.1e}, {verdict}); grad norm jaxasr {g_j:.5f} torch {g_t:.5f} "
               f"(rel {abs(g_j - g_t) / abs(g_t):.1e})")
         interleaved((ours, theirs), args.steps)
-        rows.append((name, train_flops(cfg, args.batch, args.label_len), ours, theirs))
+        flops = train_flops(cfg, args.batch, args.label_len)
+        for s in (ours, theirs):
+            print(f"  {s.name:8s} best {s.best:.3f} s, median {s.median:.3f} s, {args.batch / s.best:.2f} ex/s, "
+                  f"{flops / s.best / 1e9:.1f} GFLOP/s")
+            s.step = None  # drop the model, optimizer state and buffers before the next model is built
+        rows.append((name, flops, ours, theirs))
+        gc.collect()
 
     header = (f"{'model':6s} {'system':8s} {'ex/s':>7s} {'best s':>7s} {'median s':>8s} {'warm-up s':>9s} "
               f"{'build s':>7s} {'GFLOP/s':>8s} {'MFU %':>6s}  mode")

@@ -37,9 +37,11 @@ def _suppress(scores: jax.Array, rules: DecodingRules, first_step) -> jax.Array:
     return jnp.where(mask, NEG_INF, scores)
 
 
-def _start(model: Whisper, features, rules: DecodingRules, max_new_tokens: int, repeat: int = 1):
-    """Encode, project cross-attention K/V, run the prompt through the decoder."""
-    cross = model.decoder.cross_kv(model.encode(features))  # [layers, batch, ...]
+def _start(model: Whisper, features, rules: DecodingRules, max_new_tokens: int, repeat: int = 1,
+           encoded: bool = False):
+    """Encode (unless `features` are encoder outputs already), project cross-attention K/V, run the
+    prompt through the decoder."""
+    cross = model.decoder.cross_kv(features if encoded else model.encode(features))  # [layers, batch, ...]
     if repeat > 1:  # one copy per beam, beams of an utterance adjacent
         cross = jax.tree.map(lambda a: jnp.repeat(a, repeat, axis=1), cross)
     cross = per_layer(model.cfg, cross)
@@ -50,11 +52,13 @@ def _start(model: Whisper, features, rules: DecodingRules, max_new_tokens: int, 
     return cross, cache, logits[:, -1].astype(jnp.float32)
 
 
-@nnx.jit(static_argnames=("rules", "max_new_tokens"))
-def greedy_search(model: Whisper, features: jax.Array, rules: DecodingRules, max_new_tokens: int) -> jax.Array:
-    """features [B, n_mels, frames] -> generated tokens [B, max_new_tokens], end-of-text padded."""
+@nnx.jit(static_argnames=("rules", "max_new_tokens", "encoded"))
+def greedy_search(model: Whisper, features: jax.Array, rules: DecodingRules, max_new_tokens: int,
+                  encoded: bool = False) -> jax.Array:
+    """features [B, n_mels, frames] (or encoder outputs [B, frames/2, d_model] with `encoded`) ->
+    generated tokens [B, max_new_tokens], end-of-text padded."""
     batch, prompt_len = features.shape[0], len(rules.prompt)
-    cross, cache, logits = _start(model, features, rules, max_new_tokens)
+    cross, cache, logits = _start(model, features, rules, max_new_tokens, encoded=encoded)
     tokens = jnp.full((batch, max_new_tokens), rules.eot, jnp.int32)
     done = jnp.zeros((batch,), bool)
 

@@ -17,34 +17,23 @@ from flax import nnx
 from jaxasr.audio.features import log_mel_numpy_batch
 from jaxasr.data import sources as data_sources
 from jaxasr.data import transforms as T
+from jaxasr.training.evaluation import encode_features
 from jaxasr.training.optimizer import param_paths
 
 
-@nnx.jit
-def _encode(model, features):
-    return model.encode(features)
-
-
 def encode_examples(model, examples: Sequence[dict], *, n_mels: int, batch_size: int = 16) -> list[dict]:
-    """Raw examples -> examples with `encoded` in place of audio; bad ones become skip markers."""
-    decode, out = T.DecodeAudio(), []
+    """Raw examples -> examples with `encoded` in place of audio; bad ones stay skip markers."""
+    decode = T.DecodeAudio()
     decoded = [decode.map(dict(ex)) for ex in examples]
     good = [i for i, ex in enumerate(decoded) if not T.skipped(ex)]
-    encoded: dict[int, np.ndarray] = {}
-    for start in range(0, len(good), batch_size):
+    encoded = {}
+    for start in range(0, len(good), batch_size):  # log-mel per chunk: bounded host memory
         rows = good[start:start + batch_size]
         feats = log_mel_numpy_batch([decoded[i]["audio"] for i in rows], n_mels=n_mels)
-        padded = np.zeros((batch_size,) + feats.shape[1:], np.float32)  # one shape: one compile
-        padded[: len(rows)] = feats
-        enc = np.asarray(_encode(model, padded), np.float16)
-        for k, i in enumerate(rows):
-            encoded[i] = enc[k]
-    for i, ex in enumerate(decoded):
-        if T.skipped(ex):
-            out.append(ex)
-        else:
-            out.append({k: v for k, v in ex.items() if k not in ("audio", "audio_bytes")} | {"encoded": encoded[i]})
-    return out
+        encoded.update(zip(rows, encode_features(model, feats, batch_size)))
+    return [ex if T.skipped(ex) else
+            {k: v for k, v in ex.items() if k not in ("audio", "audio_bytes")} | {"encoded": encoded[i]}
+            for i, ex in enumerate(decoded)]
 
 
 def check_encoder_frozen(freeze: Sequence[str], model) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxasr.audio.features import log_mel_numpy_batch
 from jaxasr.decoding.generate import greedy_search, max_new_tokens_for
@@ -27,9 +28,10 @@ class EvalSet:
     """This process's share of one eval set: log-mel features computed once, reference texts."""
 
     name: str
-    features: np.ndarray  # [n, n_mels, 3000] float32
+    features: np.ndarray  # [n, n_mels, 3000] float32, or encoder outputs [n, 1500, d_model]
     texts: list[str]
     ids: list[str]
+    encoded: bool = False  # features are frozen-encoder outputs: decoding skips the encoder
 
 
 def make_eval_set(name: str, examples: Sequence[Mapping[str, Any]], n_mels: int) -> EvalSet:
@@ -52,14 +54,22 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.normalize = normalizer(language or "en")
 
-    def transcribe(self, model, features: np.ndarray) -> list[str]:
+    def encode_sets(self, model) -> None:
+        """Replace every set's log-mel features by the encoder's outputs, once: with a frozen
+        encoder, later evaluations then only run the decoder."""
+        for s in self.sets:
+            if not s.encoded:
+                s.features = encode_features(model, s.features, self.batch_size)
+                s.encoded = True
+
+    def transcribe(self, model, features: np.ndarray, encoded: bool = False) -> list[str]:
         max_new = max_new_tokens_for(model, self.rules, self.max_new_tokens)
         texts: list[str] = []
         for start in range(0, len(features), self.batch_size):
             chunk = features[start:start + self.batch_size]
-            padded = np.zeros((self.batch_size,) + chunk.shape[1:], np.float32)  # one shape: one compile
+            padded = np.zeros((self.batch_size,) + chunk.shape[1:], chunk.dtype)  # one shape: one compile
             padded[: len(chunk)] = chunk
-            tokens = np.asarray(greedy_search(model, padded, self.rules, max_new))[: len(chunk)]
+            tokens = np.asarray(greedy_search(model, padded, self.rules, max_new, encoded))[: len(chunk)]
             texts.extend(self._text(row) for row in tokens)
         return texts
 
@@ -73,11 +83,27 @@ class Evaluator:
         """({set: {wer, cer, utterances, skipped}}, {set: [(id, reference, hypothesis)] of this process})."""
         results, samples = {}, {}
         for s in self.sets:
-            hyps = self.transcribe(model, s.features)
+            hyps = self.transcribe(model, s.features, s.encoded)
             counts = error_counts(s.texts, hyps, self.normalize) if s.texts else dict.fromkeys(COUNT_KEYS, 0)
             results[s.name] = rates_from_counts(_sum_over_processes(counts))
             samples[s.name] = list(zip(s.ids, s.texts, hyps))
         return results, samples
+
+
+def encode_features(model, features: np.ndarray, batch_size: int) -> np.ndarray:
+    """Encoder outputs (float16, to halve host memory) of log-mel features, in fixed-size batches."""
+    out = []
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size]
+        padded = np.zeros((batch_size,) + chunk.shape[1:], np.float32)
+        padded[: len(chunk)] = chunk
+        out.append(np.asarray(_encode(model, padded), np.float16)[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float16)
+
+
+@nnx.jit
+def _encode(model, features):
+    return model.encode(features)
 
 
 def _sum_over_processes(counts: dict[str, int]) -> dict[str, int]:

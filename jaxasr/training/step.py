@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxasr.parallel.mesh import LOGICAL_RULES, batch_sharding, opt_state_shardings, replicated, state_shardings
+from jaxasr.training.metrics import step_flops
 from jaxasr.training.optimizer import path_str
 
 # Batch keys the step reads; the host pipeline may send more (they are dropped before the device).
@@ -76,12 +77,30 @@ class TrainStep:
                freeze: Sequence[str] = (), label_smoothing: float = 0.0, rules=LOGICAL_RULES) -> TrainStep:
         """Place the model on the mesh by its logical axes and initialize the optimizer there."""
         graphdef, trainable, frozen = nnx.split(model, trainable_filter(freeze), ...)
-        trainable = jax.device_put(trainable, state_shardings(trainable, mesh, rules))
-        frozen = jax.device_put(frozen, state_shardings(frozen, mesh, rules))
-        shapes = jax.eval_shape(tx.init, trainable)
-        opt_shardings = opt_state_shardings(tx, shapes, state_shardings(trainable, mesh, rules), mesh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+        t_sh, f_sh, opt_shapes, o_sh = _placements(trainable, frozen, tx, mesh, rules)
+        trainable = jax.device_put(trainable, t_sh)
+        frozen = jax.device_put(frozen, f_sh)
+        opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
         step = cls(graphdef, trainable, frozen, opt_state, tx, mesh, label_smoothing)
+        step._rules = rules
+        step._compile()
+        return step
+
+    @classmethod
+    def abstract(cls, model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+                 *, freeze: Sequence[str] = (), label_smoothing: float = 0.0, rules=LOGICAL_RULES) -> TrainStep:
+        """`create` without allocating anything: parameters and optimizer state are
+        `jax.ShapeDtypeStruct`s carrying the shardings `create` would give them, so the very same
+        jitted step can be lowered and compiled (`lower(batch_shapes).compile()`) for memory and
+        FLOP analysis of models that do not fit this host. `model` is a module (abstract, e.g.
+        from `nnx.eval_shape`, or concrete: only shapes are read) or a constructor, which is run
+        under `nnx.eval_shape`. The result cannot be called."""
+        if not isinstance(model, nnx.Module):
+            model = nnx.eval_shape(model)
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter(freeze), ...)
+        t_sh, f_sh, opt_shapes, o_sh = _placements(trainable, frozen, tx, mesh, rules)
+        step = cls(graphdef, _with_shardings(trainable, t_sh), _with_shardings(frozen, f_sh),
+                   _with_shardings(opt_shapes, o_sh), tx, mesh, label_smoothing)
         step._rules = rules
         step._compile()
         return step
@@ -103,6 +122,7 @@ class TrainStep:
             return trainable, opt_state, metrics
 
         t, f, o = self.shardings
+        self._flops: dict[tuple, float | None] = {}
         self._step = jax.jit(step, in_shardings=(t, f, o, None), out_shardings=(t, o, replicated(self.mesh)),
                              donate_argnums=(0, 2))
 
@@ -113,6 +133,14 @@ class TrainStep:
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self._rules):
             self.trainable, self.opt_state, metrics = self._step(self.trainable, self.frozen, self.opt_state, batch)
         return metrics
+
+    def flops(self, batch: dict[str, jax.Array]) -> float | None:
+        """XLA's FLOP estimate of one step on batches shaped like `batch` (whole program, all
+        devices: taken before partitioning), cached per shape. None where XLA does not say."""
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in self._flops:
+            self._flops[key] = step_flops(self.lower(batch))
+        return self._flops[key]
 
     def lower(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
         """Ahead-of-time lowering for memory and FLOP analysis (no data needed)."""
@@ -131,6 +159,20 @@ class TrainStep:
     def model(self) -> nnx.Module:
         """The current model (a view over the trained state, for evaluation and export)."""
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+def _placements(trainable: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules):
+    """(trainable shardings, frozen shardings, optimizer state shapes, optimizer state shardings):
+    parameters by their logical axes, optimizer moments like their parameters."""
+    t_sh = state_shardings(trainable, mesh, rules)
+    f_sh = state_shardings(frozen, mesh, rules)
+    opt_shapes = jax.eval_shape(tx.init, trainable)
+    return t_sh, f_sh, opt_shapes, opt_state_shardings(tx, opt_shapes, t_sh, mesh)
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    """`tree` (arrays or shapes) as `jax.ShapeDtypeStruct`s placed by `shardings` (same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _subset(pure: dict, like: dict) -> dict:

@@ -30,7 +30,7 @@ from jaxasr.training import schedule
 from jaxasr.training.checkpointing import Checkpoints
 from jaxasr.training.encoder_cache import encoded_sources
 from jaxasr.training.evaluation import Evaluator, make_eval_set
-from jaxasr.training.metrics import MetricsWriter, ProgressBar, Throughput
+from jaxasr.training.metrics import MetricsWriter, ProgressBar, Throughput, measured_matmul_peak, mfu
 from jaxasr.training.optimizer import build_optimizer, count_params, resolve_config
 from jaxasr.training.step import BATCH_KEYS, TrainStep, trainable_filter
 
@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
         calibrate_lr=False,  # initial LR scale from the zero-shot WER of eval.best_set
         calibrate_reference_wer=20.0,
         progress_bar=True,
+        peak_flops_per_device=0.0,  # MFU denominator; 0 = measure a large matmul at start
     )
     c.eval = dict(
         sets={},  # name -> dataset config as in data.train (source, path, ...)
@@ -133,10 +134,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                           language=language, max_new_tokens=config.eval.max_new_tokens)
     best_set = config.eval.best_set or (sets[0].name if sets else "")
 
+    log.info("eval sets: %s", ", ".join(f"{s.name} ({len(s.texts)} clips)" for s in sets) or "none")
     overrides = None
     if config.train.cache_encoder:
+        t0 = time.perf_counter()
         overrides = encoded_sources(step_fn.model(), config.data, n_mels=n_mels, freeze=freeze,
                                     process_index=jax.process_index(), process_count=jax.process_count())
+        evaluator.encode_sets(step_fn.model())
+        log.info("frozen encoder: encoded %d training and %d eval clips in %.0f s",
+                 sum(len(o) for o in overrides.values()), sum(len(s.texts) for s in sets), time.perf_counter() - t0)
     data = pipeline.build_train_iter(config.data, targets, n_mels=n_mels, process_index=jax.process_index(),
                                      process_count=jax.process_count(), sources=overrides)
     process_batch_size(config.data.batch_size, mesh)  # validates divisibility early, with a clear message
@@ -187,6 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         checkpoints.save(at_step, model=step_fn.model_dict(), opt_state=step_fn.opt_state, data_iter=data_iter,
                          meta=meta, metrics=metrics, force=force)
 
+    peak = config.train.peak_flops_per_device or measured_matmul_peak()
     bar = ProgressBar(config.train.steps, start, disable=not (primary and config.train.progress_bar))
     throughput = Throughput()
     last_eval: dict[str, float] | None = None
@@ -196,7 +203,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         batch = next(data_iter)
         skipped_total.update(batch.pop("skipped"))
         tokens = int(batch["loss_mask"].sum())
-        metrics = step_fn(global_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, mesh))
+        device_batch = global_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, mesh)
+        metrics = step_fn(device_batch)
         step += 1
         throughput.add(len(batch["labels"]) * jax.process_count(), tokens * jax.process_count())
         if step % config.train.log_every == 0 or step == config.train.steps:
@@ -206,6 +214,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                                          f"checkpoint (last good checkpoint: {checkpoints.latest_step()})")
             state = schedule.read(step_fn.opt_state)
             scalars.update(lr=state["lr"], lr_scale=state["scale"], **throughput.rates())
+            flops = step_fn.flops(device_batch)
+            if flops and scalars.get("step_seconds"):
+                scalars["mfu"] = mfu(flops, scalars["step_seconds"], peak, jax.device_count())
             scalars.update({f"skipped/{k}": v for k, v in skipped_total.items()})
             writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
             bar.update(step, scalars["loss"], scalars["lr"], scalars.get("examples_per_s"))

@@ -1,5 +1,6 @@
 """A training config for tests: small model, short run; paths come from --config overrides."""
 
+from jaxasr.data.pipeline import dataset_config
 from jaxasr.training.trainer import default_config
 
 
@@ -10,8 +11,7 @@ def get_config():
     c.data.label_buckets = (32,)
     c.data.max_label_tokens = 32
     c.data.read_threads = 1
-    c.data.train = {"speech": dict(source="arrayrecord", path="", tfds_name="", split="", data_dir="", fields="",
-                                   weight=1.0, kind="audio")}
+    c.data.train = {"speech": dataset_config(source="arrayrecord")}
     c.optimizer.peak_lr = 1e-3
     c.optimizer.clip_norm = 1.0
     c.train.steps = 6
