@@ -14,8 +14,11 @@ from jaxasr.configuration import ConfigError, parse_train_args
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "jax._src"):
+    for noisy in ("orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Orbax warns through absl at every save without eval metrics (we track a best metric, and
+    # only eval steps have one); that is expected here.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         config, workdir, _ = parse_train_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:

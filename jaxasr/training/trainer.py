@@ -203,7 +203,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         batch = next(data_iter)
         skipped_total.update(batch.pop("skipped"))
         tokens = int(batch["loss_mask"].sum())
-        device_batch = global_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, mesh)
+        local = distributed.pad_to_common_shapes({k: v for k, v in batch.items() if k in BATCH_KEYS})
+        device_batch = global_batch(local, mesh)
         metrics = step_fn(device_batch)
         step += 1
         throughput.add(len(batch["labels"]) * jax.process_count(), tokens * jax.process_count())
@@ -240,8 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     checkpoints.wait()
     summary = {"steps": step, "stopped": reason, "trainable_params": n_trainable,
                "skipped": dict(skipped_total), "best_step": checkpoints.best_step(), **history}
-    if sets and (not last_eval or history.get("eval", [{}])[-1].get("step") != step):
-        summary["final"] = evaluate(step)
+    if sets and reason != "SIGTERM" and (not last_eval or history.get("eval", [{}])[-1].get("step") != step):
+        summary["final"] = evaluate(step)  # not after SIGTERM: a preemption notice leaves seconds
     elif last_eval:
         summary["final"] = last_eval
     if primary:
