@@ -42,6 +42,7 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("mel", None),
     ("conv_width", None),
     ("conv_in", None),
+    ("lora_rank", None),  # LoRA adapters' rank dim: small, replicated
     # activations
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),

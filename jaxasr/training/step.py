@@ -112,7 +112,7 @@ class TrainStep:
 
         def step(trainable, frozen, opt_state, batch):
             def loss_fn(trainable):
-                model = nnx.merge(graphdef, trainable, frozen)
+                model = nnx.merge(graphdef, trainable, frozen, copy=True)  # frozen arrays come from the outer trace
                 return model_loss(model, batch, ls)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)

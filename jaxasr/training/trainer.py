@@ -24,6 +24,7 @@ from jaxasr.configuration import config_to_json
 from jaxasr.convert.sources import load_checkpoint
 from jaxasr.data import pipeline
 from jaxasr.data.text import WhisperTargets
+from jaxasr.models.lora import FREEZE_BASE, LoraConfig, apply_lora
 from jaxasr.parallel import distributed
 from jaxasr.parallel.mesh import global_batch, make_mesh, process_batch_size
 from jaxasr.training import schedule
@@ -50,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
         attention_impl="",  # '' = automatic
         language="",  # '' = English for .en models; required for multilingual ones
         task="transcribe",
+        # LoRA adapters on Dense layers whose 'a/b/c' path matches a target regex (e.g.
+        # 'decoder/layers/(self_attn|encoder_attn)/(q_proj|v_proj)'); () = full fine-tuning. With
+        # targets, only the adapters train (optimizer state for them alone).
+        lora=dict(targets=(), rank=8, alpha=16.0, dropout=0.0),
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.distributed = distributed.default_config()
@@ -80,6 +85,11 @@ def default_config() -> ml_collections.ConfigDict:
         max_new_tokens=128,
     )
     return c
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig:
+    lc = config.model.lora
+    return LoraConfig(targets=tuple(lc.targets), rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, seed=config.seed)
 
 
 def _runtime(model_cfg) -> dict[str, Any]:
@@ -118,11 +128,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         _save_model_info(ckpt, workdir)
 
     freeze = tuple(config.optimizer.freeze)
+    if config.model.lora.targets:
+        if config.model.lora.dropout:
+            raise ValueError("model.lora.dropout > 0 is not supported by the train step yet (its dropout key "
+                             "would not advance between steps); use 0")
+        model = apply_lora(model, lora_config(config))
+        freeze += (FREEZE_BASE,)
     _, trainable, _ = nnx.split(model, trainable_filter(freeze), ...)
     tx, policy = build_optimizer({**resolve_config(config.optimizer.to_dict()), "freeze": ()}, trainable)
     step_fn = TrainStep.create(model, tx, mesh, freeze=freeze, label_smoothing=config.train.label_smoothing)
     n_trainable = count_params(step_fn.trainable)
-    log.info("trainable parameters: %d (frozen %d)", n_trainable, count_params(step_fn.frozen))
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(step_fn.opt_state))
+    log.info("trainable parameters: %d (frozen %d); optimizer state %.1f MB", n_trainable,
+             count_params(step_fn.frozen), opt_bytes / 2**20)
 
     sets = []
     for name, ds_cfg in config.eval.sets.items():
@@ -232,14 +250,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         if sets and best_set and schedule.read(step_fn.opt_state)["stop"]:
             reason = "early stop"
             break
-        if stop.requested:
+        if distributed.any_process(stop.requested):  # one host's SIGTERM stops all at the same step
             reason = "SIGTERM"
             break
     bar.close()
     if saved[0] != step:
         save(step, None, force=True)
     checkpoints.wait()
-    summary = {"steps": step, "stopped": reason, "trainable_params": n_trainable,
+    summary = {"steps": step, "stopped": reason, "trainable_params": n_trainable, "optimizer_bytes": opt_bytes,
                "skipped": dict(skipped_total), "best_step": checkpoints.best_step(), **history}
     if sets and reason != "SIGTERM" and (not last_eval or history.get("eval", [{}])[-1].get("step") != step):
         summary["final"] = evaluate(step)  # not after SIGTERM: a preemption notice leaves seconds

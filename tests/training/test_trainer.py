@@ -130,3 +130,29 @@ def test_export_loads_in_transformers_with_the_trained_weights(tmp_path, uninter
         ref = hf(input_features=torch.from_numpy(features), decoder_input_ids=torch.from_numpy(ids).long()).logits
     ours = np.asarray(model(features, ids))
     np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4)
+
+
+def test_lora_run_trains_only_adapters_and_exports(tmp_path, small_whisper_dir, speech_records):
+    import torch
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    from jaxasr.export import main, restore_run
+
+    done = subprocess.run(_cmd(tmp_path / "run", small_whisper_dir, speech_records, "--config.train.steps=2",
+                               "--config.model.lora.targets=('(q_proj|v_proj)$',)", "--config.model.lora.rank=4"),
+                          env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    model, _, _, step = restore_run(tmp_path / "run")
+    assert step == 2
+    # 2 stacks x (q, v) adapters: A [L, 64, 4] + B [L, 4, 2, 32] per projection, encoder (1 layer) + decoder (2)
+    assert summary["trainable_params"] == (1 + 2 + 2) * 2 * (64 * 4 + 4 * 64)
+    assert main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--peft"]) == 0
+    base = WhisperForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()
+    features = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+    ids = np.asarray([[50257, 50362, 383, 6193]], np.int32)
+    with torch.no_grad():
+        ref = peft_model(input_features=torch.from_numpy(features), decoder_input_ids=torch.from_numpy(ids).long()).logits
+    np.testing.assert_allclose(np.asarray(model(features, ids)), ref.numpy(), atol=1e-4)
