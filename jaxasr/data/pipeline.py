@@ -1,6 +1,6 @@
 """The host pipeline: sources -> per-example transforms -> mixed, fixed-shape NumPy batches.
 
-    component datasets (MapDataset: this process's shard, shuffled per epoch, repeated)
+    component datasets (MapDataset: shuffled per epoch, repeated, every N-th example for process i of N)
       -> text check -> decode -> multi-scale concat -> speed, noise, gain -> log-mel -> SpecAugment
       -> tokens  (kind 'text': corrupted text tokens instead of audio; 'encoded': no audio steps)
       -> MixedBatches: exact rows per component in every batch, bad examples skipped and counted
@@ -91,7 +91,7 @@ def example_dataset(source, *, kind: str, targets: WhisperTargets, n_mels: int, 
                     augmentation: Augmentation | None = None, shuffle: bool = True, repeat: bool = True,
                     process_index: int = 0, process_count: int = 1, max_label_tokens: int | None = None,
                     max_text_tokens: int | None = None) -> grain.MapDataset:
-    """One component: this process's shard of `source`, transformed example by example.
+    """One component: this process's share of `source` (see `_process_share`), transformed example by example.
 
     kind "audio": speech with transcripts; "text": transcripts only, corrupted, for text-only
     adaptation of a speech LLM; "encoded": precomputed encoder outputs with transcripts.
@@ -99,16 +99,14 @@ def example_dataset(source, *, kind: str, targets: WhisperTargets, n_mels: int, 
     if kind not in KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
     ds = grain.MapDataset.source(source)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     if len(ds) == 0:
-        raise ValueError(f"process {process_index} of {process_count} has no examples of {source!r}")
+        raise ValueError(f"no examples in {source!r}")
     if shuffle:
         ds = ds.shuffle(seed=T.derive_seed(seed, "shuffle"))
     ds = ds.map(T.CleanText())
     if kind == "text":
         ds = ds.map(T.TextOnly(targets, seed=seed, max_tokens=max_label_tokens, max_text_tokens=max_text_tokens))
-        return ds.repeat(None) if repeat else ds
+        return _process_share(ds.repeat(None) if repeat else ds, process_index, process_count)
     aug = augmentation or Augmentation()
     if kind == "audio":
         ds = ds.map(T.DecodeAudio(SAMPLE_RATE, max_seconds=None if aug.multiscale else T.MAX_SECONDS))
@@ -125,7 +123,18 @@ def example_dataset(source, *, kind: str, targets: WhisperTargets, n_mels: int, 
         if aug.spec_augment is not None:
             ds = ds.random_map(aug.spec_augment, seed=T.derive_seed(seed, "spec_augment"))
     ds = ds.map(T.Tokenize(targets, max_tokens=max_label_tokens))
-    return ds.repeat(None) if repeat else ds
+    return _process_share(ds.repeat(None) if repeat else ds, process_index, process_count)
+
+
+def _process_share(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    """Every `process_count`-th example of the whole (shuffled, repeated) stream, from `process_index`.
+
+    Sharding last, on global positions, makes the processes' batches together the very rows a single
+    process would batch (same shuffle, same per-example random seeds), so the loss of a global batch
+    does not depend on how many processes feed it; each process still reads only its own examples
+    (the dataset is lazy: only the indices asked for are read and transformed).
+    """
+    return ds[process_index::process_count] if process_count > 1 else ds
 
 
 @dataclasses.dataclass(frozen=True)

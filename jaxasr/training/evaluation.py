@@ -2,22 +2,27 @@
 
 Each JAX process decodes its share of every set; edit counts (not rates) are summed across
 processes, so the WER is that of the whole set and every process sees the same number (the
-schedule state fed from it must stay identical everywhere).
+schedule state fed from it must stay identical everywhere). With several processes a decoding
+batch is a global array of every process's rows (`_map_batches`): jitted programs span all
+processes' devices, so a host-local NumPy input would be taken for the same value everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxasr.audio.features import log_mel_numpy_batch
 from jaxasr.decoding.generate import greedy_search, max_new_tokens_for
 from jaxasr.decoding.prompt import DecodingRules, decoding_rules
+from jaxasr.parallel.mesh import BATCH_AXES
 from jaxasr.scoring import error_counts, normalizer, rates_from_counts
 
 COUNT_KEYS = ("word_errors", "words", "char_errors", "chars", "utterances", "skipped")
@@ -64,14 +69,9 @@ class Evaluator:
 
     def transcribe(self, model, features: np.ndarray, encoded: bool = False) -> list[str]:
         max_new = max_new_tokens_for(model, self.rules, self.max_new_tokens)
-        texts: list[str] = []
-        for start in range(0, len(features), self.batch_size):
-            chunk = features[start:start + self.batch_size]
-            padded = np.zeros((self.batch_size,) + chunk.shape[1:], chunk.dtype)  # one shape: one compile
-            padded[: len(chunk)] = chunk
-            tokens = np.asarray(greedy_search(model, padded, self.rules, max_new, encoded))[: len(chunk)]
-            texts.extend(self._text(row) for row in tokens)
-        return texts
+        tokens = _map_batches(lambda x: greedy_search(model, x, self.rules, max_new, encoded), model, features,
+                              self.batch_size, features.dtype)
+        return [self._text(row) for row in tokens] if tokens is not None else []
 
     def _text(self, tokens: np.ndarray) -> str:
         tokens = list(tokens)
@@ -92,13 +92,49 @@ class Evaluator:
 
 def encode_features(model, features: np.ndarray, batch_size: int) -> np.ndarray:
     """Encoder outputs (float16, to halve host memory) of log-mel features, in fixed-size batches."""
+    out = _map_batches(lambda x: _encode(model, x), model, features, batch_size, np.float32, np.float16)
+    return out if out is not None else np.zeros((0,), np.float16)
+
+
+def _map_batches(fn: Callable[[Any], jax.Array], model, features: np.ndarray, batch_size: int, in_dtype,
+                 out_dtype=None) -> np.ndarray | None:
+    """`fn` over fixed-size chunks of `features` (zero-padded: one shape, one compile) -> the output rows
+    of `features`, as NumPy (None when there were no chunks).
+
+    With several processes each passes its own rows: a chunk is the global array of every process's
+    chunk (sharded like a training batch on the model's mesh), every process runs as many chunks as
+    the process with the most rows needs (the programs are collective), and gets its own rows back.
+    """
+    n = len(features)
+    if jax.process_count() == 1:
+        rows, chunks = batch_size, -(-n // batch_size)
+        to_global = to_local = lambda x: x  # noqa: E731
+    else:
+        from jax.experimental import multihost_utils
+
+        mesh = _mesh_of(model)
+        local_shards = max(1, math.prod(mesh.shape[a] for a in BATCH_AXES) // jax.process_count())
+        rows = -(-batch_size // local_shards) * local_shards  # this process's rows must fill its devices evenly
+        most = int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+        chunks = -(-most // rows)
+        spec = lambda ndim: P(BATCH_AXES, *[None] * (ndim - 1))  # noqa: E731
+        to_global = lambda x: multihost_utils.host_local_array_to_global_array(x, mesh, spec(x.ndim))  # noqa: E731
+        to_local = lambda y: multihost_utils.global_array_to_host_local_array(y, mesh, spec(y.ndim))  # noqa: E731
     out = []
-    for start in range(0, len(features), batch_size):
-        chunk = features[start:start + batch_size]
-        padded = np.zeros((batch_size,) + chunk.shape[1:], np.float32)
+    for c in range(chunks):
+        chunk = features[c * rows:(c + 1) * rows]
+        padded = np.zeros((rows,) + features.shape[1:], in_dtype)
         padded[: len(chunk)] = chunk
-        out.append(np.asarray(_encode(model, padded), np.float16)[: len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float16)
+        out.append(np.asarray(to_local(fn(to_global(padded))), out_dtype)[: len(chunk)])
+    return np.concatenate(out) if out else None
+
+
+def _mesh_of(model) -> jax.sharding.Mesh:
+    """The mesh the model's parameters live on (several processes: every model is placed on one)."""
+    for x in jax.tree.leaves(nnx.state(model)):
+        if isinstance(getattr(x, "sharding", None), NamedSharding):
+            return x.sharding.mesh
+    raise ValueError("with several JAX processes the model's arrays must be placed on a mesh (NamedSharding)")
 
 
 @nnx.jit
