@@ -32,15 +32,20 @@ def main(argv=None) -> int:
 
 
 def _report(summary: dict) -> str:
-    lines = [f"{summary['stopped']} after {summary['steps']} steps; best checkpoint: step {summary['best_step']}"]
-    zero, final = summary.get("zero_shot") or {}, summary.get("final") or {}
-    names = sorted({k.split("/")[0] for k in {**zero, **final} if k.endswith("/wer")})
+    """WER before training, at the best checkpoint (what `jaxasr.export --best` writes) and at the end."""
+    best_step = summary.get("best_step")
+    lines = [f"{summary['stopped']} after {summary['steps']} steps; best checkpoint: step {best_step}"]
+    evals = {e["step"]: e for e in summary.get("eval", [])}
+    columns = [("before", summary.get("zero_shot") or {})]
+    if best_step is not None and best_step in evals:
+        columns.append((f"best (step {best_step})", evals[best_step]))
+    columns.append((f"last (step {summary['steps']})", summary.get("final") or {}))
+    names = sorted({k.split("/")[0] for _, col in columns for k in col if k.endswith("/wer")})
     if names:
-        lines.append(f"{'eval set':<24}{'WER before':>12}{'WER after':>12}")
+        lines.append(f"{'WER %':<20}" + "".join(f"{title:>20}" for title, _ in columns))
         for n in names:
-            before, after = zero.get(f"{n}/wer"), final.get(f"{n}/wer")
-            fmt = lambda v: f"{v:12.2f}" if v is not None else f"{'-':>12}"  # noqa: E731
-            lines.append(f"{n:<24}{fmt(before)}{fmt(after)}")
+            cells = [col.get(f"{n}/wer") for _, col in columns]
+            lines.append(f"{n:<20}" + "".join(f"{v:20.2f}" if v is not None else f"{'-':>20}" for v in cells))
     if summary.get("skipped"):
         lines.append("skipped examples: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items())))
     return "\n".join(lines)

@@ -120,14 +120,20 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def opt_state_shardings(tx, opt_state_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
+def opt_state_shardings(tx, opt_state_shapes: Any, param_shardings: Any, mesh: Mesh, params: Any) -> Any:
     """Shardings for an Optax state: every copy of the parameter tree inside it (moments...)
-    is sharded like the parameters; everything else (counts, schedule state) is replicated."""
+    is sharded like the parameters; leaves shaped otherwise (Adafactor's factored row/column
+    moments) and everything else (counts, schedule state) are replicated."""
+
+    def like_param(leaf, sharding, param):
+        return sharding if tuple(leaf.shape) == tuple(param.shape) else replicated(mesh)
+
     return optax.tree_utils.tree_map_params(
         tx,
-        lambda _, sharding: sharding,
+        like_param,
         opt_state_shapes,
         param_shardings,
+        params,
         transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )

@@ -12,6 +12,10 @@ can be planned on a laptop. It reports, per device:
   code, and the peak: arguments + outputs - aliased + temporaries + code, the figure XLA's own
   buffer assignment bounds the step by (backends that report `peak_memory_in_bytes` give it too).
 
+Measured on XLA:CPU (8 simulated devices): rematerialization lowers the temporaries only with
+`scan_layers=True` (large-v3, batch 16: 42.4 -> 4.8 GiB per device); over unrolled layers the CPU
+compiler's schedule keeps about as much live with `remat='full'` as without (tiny: 1.92 vs 1.99 GiB).
+
 `format_plan(plan(...))` is the table `tools/plan_memory.py` prints. The host platform's figures
 are those of the CPU compiler (which e.g. may widen bfloat16 temporaries); a GPU or TPU host gives
 its own backend's.
@@ -105,7 +109,8 @@ def memory_stats(compiled: Any) -> dict[str, int]:
         raise RuntimeError("this backend gives no memory analysis for compiled programs")
     out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in _STATS}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
-    out["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)  # 0 where the backend does not say
+    # The backend's own figure: 0 where it does not say; XLA:CPU's leaves the temporaries out.
+    out["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
     return out
 
 
@@ -181,8 +186,8 @@ def format_plan(p: Mapping[str, Any]) -> str:
                  ("aliased (donated, reused by outputs)", "alias"),
                  ("activations / temporaries", "temp"), ("generated code", "generated_code"),
                  ("peak = args + outputs - aliased + temp + code", "peak")]
-        if c.get("xla_peak"):
-            stats.append(("peak, as XLA reports it", "xla_peak"))
+        if c.get("xla_peak", 0) >= c["argument"] + c["temp"]:  # XLA:CPU's counts the arguments only
+            stats.append(("peak, as the backend reports it", "xla_peak"))
         for label, key in stats:
             lines.append(row2.format(label, _gib(c[key]), f"{c[key]:,}"))
     return "\n".join(lines)

@@ -167,7 +167,7 @@ def _placements(trainable: nnx.State, frozen: nnx.State, tx: optax.GradientTrans
     t_sh = state_shardings(trainable, mesh, rules)
     f_sh = state_shardings(frozen, mesh, rules)
     opt_shapes = jax.eval_shape(tx.init, trainable)
-    return t_sh, f_sh, opt_shapes, opt_state_shardings(tx, opt_shapes, t_sh, mesh)
+    return t_sh, f_sh, opt_shapes, opt_state_shardings(tx, opt_shapes, t_sh, mesh, trainable)
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:
