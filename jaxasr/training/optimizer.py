@@ -15,7 +15,7 @@ otherwise be silently ignored). Fields:
 - ``b1`` (0.9), ``b2`` (0.999), ``eps`` (1e-8): Adam moments; Lion uses ``b1``, ``b2``
   (set ``b2=0.99`` for Lion's usual value); Adafactor uses none of them (decay rate 0.8).
   ``momentum`` (0.0): SGD only.
-- ``weight_decay`` (0.0), ``weight_decay_pattern`` (``r'(^|/)(kernel|embedding)$'``):
+- ``weight_decay`` (0.0), ``weight_decay_pattern`` (``r'(^|/)(kernel|embedding|lora_a|lora_b)$'``):
   decay only leaves whose path matches. By name, not ndim: stacked layers make biases
   and norm scales 2-D.
 - ``clip_norm`` (None): clip the global norm of the trainable gradients.
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "eps": 1e-8,
     "momentum": 0.0,
     "weight_decay": 0.0,
-    "weight_decay_pattern": r"(^|/)(kernel|embedding)$",
+    "weight_decay_pattern": r"(^|/)(kernel|embedding|lora_a|lora_b)$",
     "clip_norm": None,
     "lr_multipliers": {},
     "freeze": [],
