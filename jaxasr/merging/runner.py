@@ -192,6 +192,7 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
     from jaxasr.convert.export import export_hf, save_native
     from jaxasr.convert.sources import WhisperCheckpoint
     from jaxasr.data import pipeline
+    from jaxasr.convert import hf_whisper
     from jaxasr.merging.methods import merge_deltas
     from jaxasr.merging.task_vectors import apply_delta, task_vectors
     from jaxasr.models.state import load_flat_state
@@ -209,10 +210,16 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
         experts.append(ckpt.params)
     log.info("loaded base %s and %d experts in %.1f s", config.base, len(experts), time.perf_counter() - t0)
 
+    # Merge in Hugging Face's per-layer layout: jaxasr stacks layers and splits heads, while the
+    # SVD methods (TSV-M, Iso-C...) work on each layer's 2-D [out, in] matrix, as their
+    # references do; non-2-D leaves would otherwise be averaged whole.
+    cfg = base.config()
+    base_hf = hf_whisper.jaxasr_to_hf(base.params, cfg)
+    experts = [hf_whisper.jaxasr_to_hf(e, cfg) for e in experts]
     t0 = time.perf_counter()
     params = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(config.params).items()}
     key = jax.random.key(config.seed) if METHODS[config.method].random else None
-    delta = merge_deltas(config.method, task_vectors(experts, base.params), base=base.params, key=key,
+    delta = merge_deltas(config.method, task_vectors(experts, base_hf), base=base_hf, key=key,
                          max_group_bytes=int(config.max_group_bytes), **params)
     del experts
     merge_seconds = time.perf_counter() - t0
@@ -233,7 +240,7 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
                               language=language, max_new_tokens=config.eval.max_new_tokens)
         for alpha in alphas:
             t0 = time.perf_counter()
-            load_flat_state(model, apply_delta(base.params, delta, alpha))
+            load_flat_state(model, hf_whisper.hf_to_jaxasr(apply_delta(base_hf, delta, alpha), cfg))
             results, _ = evaluator.run(model)
             rows.append({"alpha": alpha, "wer": {n: float(results[n]["wer"]) for n in set_names},
                          "cer": {n: float(results[n]["cer"]) for n in set_names}})
@@ -243,7 +250,7 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
     else:
         best_alpha = alphas[0]
 
-    merged = apply_delta(base.params, delta, best_alpha)
+    merged = hf_whisper.hf_to_jaxasr(apply_delta(base_hf, delta, best_alpha), cfg)
     ckpt = WhisperCheckpoint(base.hf_config, base.generation_config, merged, base.tokenizer,
                              base.preprocessor_config, source=f"merge:{config.method}@alpha={best_alpha:g}")
     out.mkdir(parents=True, exist_ok=True)

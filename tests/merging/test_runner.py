@@ -30,6 +30,7 @@ SMALL = dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_h
 
 
 PARAMS: dict[str, dict] = {}
+CFG: list = []  # the small model's WhisperConfig, set by the `models` fixture
 
 
 @pytest.fixture
@@ -60,6 +61,7 @@ def models(tiny_en_checkpoint, tmp_path_factory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     dirs = {"base": _save(tiny_en_checkpoint, cfg, base, root / "base")}
     PARAMS["base"] = base
+    CFG[:] = [cfg]
     for name in ("a", "b"):
         expert = {k: (v + 0.05 * np.std(v) * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
         dirs[name] = _save(tiny_en_checkpoint, cfg, expert, root / name)
@@ -115,8 +117,8 @@ def test_grid_and_outputs(models, eval_sets, tmp_path):
     assert json.loads((tmp_path / "out" / GRID_JSON).read_text())["best_alpha"] == summary["best_alpha"]
     assert "*" in summary["table"] and "other*" in summary["table"]
 
-    # outputs hold base + best_alpha * TSV-M delta, computed independently
-    expected = merge("tsv_m", PARAMS["base"], [PARAMS["a"], PARAMS["b"]], alpha=summary["best_alpha"])
+    # outputs hold base + best_alpha * TSV-M delta, computed independently on per-layer HF matrices
+    expected = _merged_per_layer("tsv_m", alpha=summary["best_alpha"])
     native = load_checkpoint(tmp_path / "out" / "jaxasr")
     for k, v in expected.items():
         np.testing.assert_allclose(native.params[k], v, rtol=1e-6, atol=1e-6, err_msg="/".join(k))
@@ -175,7 +177,7 @@ def test_cli_single_alpha_without_eval_sets(models, tmp_path, capsys, cached_loa
     """))
     assert main(["--config", str(cfg_file)]) == 0
     assert "kept alpha 0.8" in capsys.readouterr().out
-    expected = merge("task_arithmetic", PARAMS["base"], [PARAMS["a"], PARAMS["b"]], alpha=0.8, weights=(0.5, 1.0))
+    expected = _merged_per_layer("task_arithmetic", alpha=0.8, weights=(0.5, 1.0))
     got = native.load(tmp_path / "out" / "jaxasr")[1]
     for k in (("decoder", "layers", "mlp", "fc1", "kernel"), ("encoder", "layers", "mlp", "fc1", "bias")):
         np.testing.assert_allclose(got[k], expected[k], atol=1e-6)
@@ -200,3 +202,12 @@ def test_clear_errors(models, tmp_path, cached_loads):
         config.eval.sets = {"dev": dataset_config(path="x")}
         config.eval.best_set = "nope"
         run_merge(config)
+
+
+def _merged_per_layer(method: str, **kw) -> dict:
+    """`merge` on the base and experts in Hugging Face's per-layer layout, back in jaxasr's."""
+    from jaxasr.convert import hf_whisper
+
+    return hf_whisper.hf_to_jaxasr(
+        merge(method, hf_whisper.jaxasr_to_hf(PARAMS["base"], CFG[0]),
+              [hf_whisper.jaxasr_to_hf(PARAMS[n], CFG[0]) for n in ("a", "b")], **kw), CFG[0])
