@@ -244,6 +244,26 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(`key=value` overrides from `--config.key=value` / `--config.key value` / bare
+    `--config.flag` (= true), the other arguments) of a command line."""
+    overrides, rest, argv, i = [], [], list(argv), 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--config."):
+            if "=" in tok:
+                overrides.append(tok)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(f"{tok}={argv[i + 1]}")
+                i += 1
+            else:
+                overrides.append(f"{tok}=true")
+        else:
+            rest.append(tok)
+        i += 1
+    return overrides, rest
+
+
 def parse_train_args(
     argv: Sequence[str], *, prog: str = "python -m jaxasr.train"
 ) -> tuple[ml_collections.ConfigDict, Path, list[str]]:
@@ -259,21 +279,7 @@ def parse_train_args(
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
 
-    overrides, rest = [], []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok.startswith("--config."):
-            if "=" in tok:
-                overrides.append(tok)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                overrides.append(f"{tok}={argv[i + 1]}")
-                i += 1
-            else:
-                overrides.append(f"{tok}=true")
-        else:
-            rest.append(tok)
-        i += 1
+    overrides, rest = split_overrides(argv)
 
     parser = _ArgumentParser(prog=prog, allow_abbrev=False)
     # Not `required=True`: argparse would report a missing flag before a misspelled one, and the

@@ -29,7 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxasr.configuration import ConfigError, config_to_json, load_config
+from jaxasr.configuration import ConfigError, config_to_json, load_config, split_overrides
 from jaxasr.merging.methods import DEFAULT_MAX_GROUP_BYTES, METHODS
 
 log = logging.getLogger(__name__)
@@ -70,20 +70,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str], *, prog: str = "python -m jaxasr.merge") -> ml_collections.ConfigDict:
     """`--config FILE[:arg] [--config.a.b=v | --config.a.b v ...]` -> the loaded, overridden config."""
-    overrides, rest, argv, i = [], [], list(argv), 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok.startswith("--config."):
-            if "=" in tok:
-                overrides.append(tok)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                overrides.append(f"{tok}={argv[i + 1]}")
-                i += 1
-            else:
-                overrides.append(f"{tok}=true")
-        else:
-            rest.append(tok)
-        i += 1
+    overrides, rest = split_overrides(argv)
     parser = _ArgumentParser(prog=prog, allow_abbrev=False)
     parser.add_argument("--config", help="merge config file, optionally file.py:arg (required)")
     args, unknown = parser.parse_known_args(rest)
