@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Parallel test workers; XLA compiles are single-threaded, so two workers use two cores well.
 TEST_WORKERS ?= 2
 
-.PHONY: setup test bench demo demo-data demo-transcribe clean
+.PHONY: setup test bench demo demo-data demo-transcribe merge-demo clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ build/demo/.done: $(VENV)/.installed configs/demo_text/*.txt tools/synthesize.py
 		$(BIN)/python tools/synthesize.py build/demo/$$name --text configs/demo_text/$$name.txt --seed $$seed \
 			--workers 2 --arrayrecord --voices $(DEMO_VOICES) || exit 1; done
 	touch $@
+
+# Two domain experts (pharmacy, banking) merged four ways vs. joint fine-tuning (tools/merge_demo.py).
+merge-demo: setup
+	$(BIN)/python tools/merge_demo.py
 
 # Transcribe a few synthesized sentences with the bundled Whisper tiny.en.
 demo-transcribe: setup

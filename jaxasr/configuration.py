@@ -19,8 +19,9 @@ import difflib
 import importlib.util
 import json
 import math
+import statistics
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +340,20 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(tuples(data))
     config.lock()
     return config
+
+
+def selection_sets(best_set: str, set_names: Sequence[str], *, key: str = "config.eval.best_set") -> list[str]:
+    """The eval sets whose WER picks the best checkpoint (or merge alpha): `best_set` names one set,
+    or several joined by '+' for their mean WER (e.g. one dev set per domain); '' = the first set."""
+    if not best_set:
+        return list(set_names[:1])
+    parts = best_set.split("+")
+    unknown = [p for p in parts if p not in set_names]
+    if unknown:
+        raise ConfigError(f"{key}: {unknown[0]!r} is not one of the eval sets {sorted(set_names)}")
+    return parts
+
+
+def selection_wer(wer: Mapping[str, float], sets: Sequence[str]) -> float:
+    """Mean WER over the selection sets (`wer`: set name -> WER)."""
+    return statistics.fmean(wer[s] for s in sets)

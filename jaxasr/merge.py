@@ -1,4 +1,4 @@
-"""Merge expert checkpoints into their base: `python -m jaxasr.merge --config configs/merge/tsv_m.py`.
+"""Merge expert checkpoints into their base: `python -m jaxasr.merge --config configs/merge/demo.py`.
 
     --config.key.sub=value   override any config field (e.g. --config.alphas="(0.5, 1.0)" --config.out=out/m)
 Computes the merged delta of the experts' task vectors once, decodes the eval sets at every alpha of

@@ -26,7 +26,11 @@ def main(argv=None) -> int:
         return 2
     from jaxasr.training.trainer import train  # after argument errors: importing JAX takes seconds
 
-    summary = train(config, workdir)
+    try:
+        summary = train(config, workdir)
+    except ConfigError as e:  # checks that need the config resolved (e.g. eval.best_set)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(_report(summary))
     return 0
 
@@ -42,10 +46,11 @@ def _report(summary: dict) -> str:
     columns.append((f"last (step {summary['steps']})", summary.get("final") or {}))
     names = sorted({k.split("/")[0] for _, col in columns for k in col if k.endswith("/wer")})
     if names:
-        lines.append(f"{'WER %':<20}" + "".join(f"{title:>20}" for title, _ in columns))
+        w = max(20, *(len(n) + 2 for n in names))
+        lines.append(f"{'WER %':<{w}}" + "".join(f"{title:>20}" for title, _ in columns))
         for n in names:
             cells = [col.get(f"{n}/wer") for _, col in columns]
-            lines.append(f"{n:<20}" + "".join(f"{v:20.2f}" if v is not None else f"{'-':>20}" for v in cells))
+            lines.append(f"{n:<{w}}" + "".join(f"{v:20.2f}" if v is not None else f"{'-':>20}" for v in cells))
     if summary.get("skipped"):
         lines.append("skipped examples: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items())))
     return "\n".join(lines)

@@ -13,6 +13,8 @@ from jaxasr.configuration import (
     config_to_json,
     load_config,
     parse_train_args,
+    selection_sets,
+    selection_wer,
 )
 
 CONFIG = textwrap.dedent(
@@ -184,3 +186,26 @@ def test_json_rejects_unserializable():
     c = ml_collections.ConfigDict({"a": {"b": object()}})
     with pytest.raises(ConfigError, match="'a.b'"):
         config_to_json(c)
+
+
+def test_selection_sets_one_or_mean():
+    names = ["pharmacy_dev", "banking_dev", "general_test"]
+    assert selection_sets("", names) == ["pharmacy_dev"]
+    assert selection_sets("banking_dev", names) == ["banking_dev"]
+    both = selection_sets("pharmacy_dev+banking_dev", names)
+    assert selection_wer({"pharmacy_dev": 10.0, "banking_dev": 20.0, "general_test": 90.0}, both) == 15.0
+    with pytest.raises(ConfigError, match=r"config.eval.best_set: 'bank_dev' is not one of the eval sets"):
+        selection_sets("pharmacy_dev+bank_dev", names)
+
+
+def test_trainer_checks_best_set_first(tmp_path):
+    """A misspelled eval.best_set fails before any model or data is loaded."""
+    from jaxasr.training.trainer import default_config, train
+
+    config = default_config()
+    config.model.init = str(tmp_path / "no-such-model")
+    config.eval.sets = {"dev": {"path": "x"}}
+    config.eval.best_set = "dev+test"
+    with pytest.raises(ConfigError, match="'test' is not one of the eval sets"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

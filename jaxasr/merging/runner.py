@@ -1,12 +1,12 @@
 """Merge Whisper checkpoints from a config, pick the scale alpha by dev WER, write the result.
 
-    config = load_config("configs/merge/tsv_m.py", ["alphas=(0.5, 1.0)"])
+    config = load_config("configs/merge/demo.py", ["alphas=(0.5, 1.0)"])
     summary = run_merge(config)     # -> {"best_alpha", "rows", "out", ...}
 
 The merged delta is computed once (`merge_deltas` over the experts' task vectors); every alpha of
 `config.alphas` then gives `base + alpha * delta`, decoded on every set of `config.eval.sets`
 (jitted greedy search, compiled once: all alphas share one model structure). The alpha with the
-lowest WER on `config.eval.best_set` is kept and written as a jaxasr model directory (`out/jaxasr`)
+lowest WER on `config.eval.best_set` (or mean WER of its '+'-joined sets) is kept and written as a jaxasr model directory (`out/jaxasr`)
 and a Hugging Face directory (`out/hf`); the grid goes to `out/alpha_grid.tsv` and `.json`.
 
 A checkpoint is anything `jaxasr.convert.sources.load_checkpoint` reads (a Hugging Face directory or
@@ -29,7 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxasr.configuration import ConfigError, config_to_json, load_config, split_overrides
+from jaxasr.configuration import ConfigError, config_to_json, load_config, selection_sets, selection_wer, split_overrides
 from jaxasr.merging.methods import DEFAULT_MAX_GROUP_BYTES, METHODS
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 WORKDIR_PREFIX = "workdir:"
 GRID_TSV = "alpha_grid.tsv"
 GRID_JSON = "alpha_grid.json"
+ENCODER_PREFIX = "model.encoder."  # Hugging Face names of the encoder's parameters
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -49,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.alphas = (0.3, 0.5, 0.7, 1.0)  # merged = base + alpha * delta; exactly one when there are no eval sets
     c.eval = dict(
         sets={},  # name -> dataset config as in training (jaxasr.data.pipeline.dataset_config)
-        best_set="",  # its WER picks alpha (default: the first set)
+        best_set="",  # its WER picks alpha (default: the first set; "a+b": their mean WER)
         batch_size=16,
         max_new_tokens=128,
         max_examples=0,  # 0 = all
@@ -104,9 +105,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.alphas: need finite numbers, got {alphas!r}")
     sets = dict(config.eval.sets)
     if sets:
-        if config.eval.best_set and config.eval.best_set not in sets:
-            raise ConfigError(f"config.eval.best_set: {config.eval.best_set!r} is not one of the eval sets "
-                              f"{sorted(sets)}")
+        selection_sets(config.eval.best_set, list(sets))
     elif len(alphas) != 1:
         raise ConfigError(f"config.alphas: without eval sets there is nothing to choose alpha by; give exactly "
                           f"one alpha, not {alphas}")
@@ -153,11 +152,13 @@ def format_table(rows: Sequence[Mapping[str, Any]], set_names: Sequence[str], be
                  best_set: str) -> str:
     """alpha x set WER table; the chosen alpha marked with '*'."""
     width = max([12] + [len(n) + 2 for n in set_names])
-    lines = [f"{'alpha':>8}" + "".join(f"{n + ('*' if n == best_set else ''):>{width}}" for n in set_names)]
+    chosen = best_set.split("+")
+    lines = [f"{'alpha':>8}" + "".join(f"{n + ('*' if n in chosen else ''):>{width}}" for n in set_names)]
     for row in rows:
         mark = " *" if row["alpha"] == best_alpha else ""
         lines.append(f"{row['alpha']:>8.2f}" + "".join(f"{row['wer'][n]:>{width}.2f}" for n in set_names) + mark)
-    lines.append(f"WER %; * marks the alpha kept (lowest {best_set} WER) and the set that chose it")
+    what = f"{best_set} WER" if len(chosen) == 1 else f"mean WER of {', '.join(chosen)}"
+    lines.append(f"WER %; * marks the alpha kept (lowest {what}) and the sets that chose it")
     return "\n".join(lines)
 
 
@@ -214,7 +215,8 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     alphas = [float(a) for a in config.alphas]
     set_names = list(config.eval.sets)
-    best_set = config.eval.best_set or (set_names[0] if set_names else "")
+    selection = selection_sets(config.eval.best_set, set_names)
+    best_set = "+".join(selection)
     rows = []
     if set_names:
         model = base.build()
@@ -225,6 +227,12 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
             sets.append(make_eval_set(name, examples, model.cfg.num_mel_bins))
         evaluator = Evaluator(sets, base.tokenizer, base.generation_config, batch_size=config.eval.batch_size,
                               language=language, max_new_tokens=config.eval.max_new_tokens)
+        if not any(np.any(delta[k]) for k in delta if k.startswith(ENCODER_PREFIX)):
+            # experts that froze the encoder (the CPU recipe): every alpha has the base's encoder,
+            # so each eval clip is encoded once and each alpha only runs the decoder
+            t0 = time.perf_counter()
+            evaluator.encode_sets(model)
+            log.info("merged encoder equals the base's: encoded the eval sets once (%.1f s)", time.perf_counter() - t0)
         for alpha in alphas:
             t0 = time.perf_counter()
             load_flat_state(model, hf_whisper.hf_to_jaxasr(apply_delta(base_hf, delta, alpha), cfg))
@@ -233,7 +241,7 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
                          "cer": {n: float(results[n]["cer"]) for n in set_names}})
             log.info("alpha %g: %s (%.1f s)", alpha, ", ".join(f"{n} WER {rows[-1]['wer'][n]:.2f}" for n in set_names),
                      time.perf_counter() - t0)
-        best_alpha = min(rows, key=lambda r: r["wer"][best_set])["alpha"]  # ties: the first listed
+        best_alpha = min(rows, key=lambda r: selection_wer(r["wer"], selection))["alpha"]  # ties: the first listed
     else:
         best_alpha = alphas[0]
 

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxasr.configuration import config_to_json
+from jaxasr.configuration import config_to_json, selection_sets, selection_wer
 from jaxasr.convert.sources import load_checkpoint
 from jaxasr.data import pipeline
 from jaxasr.data.text import WhisperTargets
@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = dict(
         sets={},  # name -> dataset config as in data.train (source, path, ...)
         batch_size=16,
-        best_set="",  # WER of this set picks the best checkpoint and drives the schedule
+        best_set="",  # WER of this set picks the best checkpoint and drives the schedule ("a+b": their mean)
         max_examples=0,  # 0 = all
         max_new_tokens=128,
     )
@@ -109,6 +109,8 @@ class _Stop:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    selection = selection_sets(config.eval.best_set, list(config.eval.sets))  # a misspelled set fails first
+    best_set = "+".join(selection)  # its "/wer" metric (a mean when several sets) picks and drives
     distributed.initialize(config.distributed)
     workdir = Path(workdir).absolute()
     primary = jax.process_index() == 0
@@ -150,7 +152,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         sets.append(make_eval_set(name, examples, n_mels))
     evaluator = Evaluator(sets, ckpt.tokenizer, ckpt.generation_config, batch_size=config.eval.batch_size,
                           language=language, max_new_tokens=config.eval.max_new_tokens)
-    best_set = config.eval.best_set or (sets[0].name if sets else "")
 
     log.info("eval sets: %s", ", ".join(f"{s.name} ({len(s.texts)} clips)" for s in sets) or "none")
     overrides = None
@@ -188,6 +189,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     def evaluate(at_step: int) -> dict[str, float]:
         results, samples = evaluator.run(step_fn.model())
         flat = {f"{name}/{k}": float(v) for name, r in results.items() for k, v in r.items()}
+        if len(selection) > 1:
+            flat[f"{best_set}/wer"] = selection_wer({n: r["wer"] for n, r in results.items()}, selection)
         writer.write(at_step, {f"eval/{k}": v for k, v in flat.items()})
         for name, rows in samples.items():
             writer.write_text(at_step, f"eval/{name}", "\n".join(f"{i}\tREF: {r}\tHYP: {h}" for i, r, h in rows[:8]))

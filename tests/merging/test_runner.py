@@ -62,8 +62,9 @@ def models(tiny_en_checkpoint, tmp_path_factory) -> dict[str, Path]:
     dirs = {"base": _save(tiny_en_checkpoint, cfg, base, root / "base")}
     PARAMS["base"] = base
     CFG[:] = [cfg]
-    for name in ("a", "b"):
-        expert = {k: (v + 0.05 * np.std(v) * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
+    for name in ("a", "b", "a_dec", "b_dec"):  # *_dec: the encoder kept frozen, as in the CPU recipe
+        expert = {k: v if name.endswith("_dec") and k[0] == "encoder" else
+                  (v + 0.05 * np.std(v) * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
         dirs[name] = _save(tiny_en_checkpoint, cfg, expert, root / name)
         PARAMS[name] = expert
     bad_cfg = dataclasses.replace(cfg, decoder_ffn_dim=96)
@@ -137,10 +138,11 @@ def test_grid_and_outputs(models, eval_sets, tmp_path):
 
 
 def test_best_alpha_follows_named_set(models, eval_sets, tmp_path, monkeypatch, cached_loads):
-    """With WERs that disagree between sets, the kept alpha is the best of eval.best_set."""
+    """With WERs that disagree between sets, the kept alpha is the best of eval.best_set (or of the
+    mean WER of its '+'-joined sets)."""
     from jaxasr.training import evaluation
 
-    wers = {"dev": [30.0, 10.0, 20.0], "other": [5.0, 50.0, 40.0]}  # dev prefers 0.7, other 0.3
+    wers = {"dev": [30.0, 10.0, 20.0], "other": [5.0, 50.0, 8.0]}  # dev prefers 0.7, other 0.3, their mean 1.0
     calls = []
 
     def fake_run(self, model):
@@ -153,12 +155,37 @@ def test_best_alpha_follows_named_set(models, eval_sets, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(export, "save_native", lambda ckpt, out: out)
     monkeypatch.setattr(export, "export_hf", lambda ckpt, out, dtype: out)
-    for best_set, alpha in (("dev", 0.7), ("other", 0.3)):
+    for best_set, alpha in (("dev", 0.7), ("other", 0.3), ("dev+other", 1.0)):
         calls.clear()
         config = _config(models, tmp_path / best_set, alphas=(0.3, 0.7, 1.0))
         config.eval.sets = eval_sets
         config.eval.best_set = best_set
-        assert run_merge(config)["best_alpha"] == alpha
+        summary = run_merge(config)
+        assert summary["best_alpha"] == alpha
+        assert summary["table"].splitlines()[0].count("*") == len(best_set.split("+"))  # the sets that chose
+
+
+def test_frozen_encoder_experts_encode_once(models, eval_sets, tmp_path, monkeypatch, cached_loads):
+    """Experts that left the encoder untouched: the eval clips are encoded once for the whole grid,
+    with the same WERs as re-encoding per alpha; experts that changed it re-encode."""
+    from jaxasr.training import evaluation
+
+    calls = []
+    original = evaluation.Evaluator.encode_sets
+    monkeypatch.setattr(evaluation.Evaluator, "encode_sets", lambda self, model: calls.append(1) or original(self, model))
+
+    def rows(experts, out):
+        config = _config(models, tmp_path / out, alphas=(0.5, 1.0))
+        config.experts = {n: str(models[n]) for n in experts}
+        config.eval.sets = eval_sets
+        return run_merge(config)["rows"]
+
+    cached = rows(("a_dec", "b_dec"), "cached")
+    assert len(calls) == 1
+    rows(("a", "b"), "full")
+    assert len(calls) == 1
+    monkeypatch.setattr(evaluation.Evaluator, "encode_sets", lambda self, model: None)
+    assert rows(("a_dec", "b_dec"), "uncached") == cached
 
 
 def test_cli_single_alpha_without_eval_sets(models, tmp_path, capsys, cached_loads):
@@ -197,11 +224,12 @@ def test_clear_errors(models, tmp_path, cached_loads):
     config.experts = {"a": str(models["a"]), "bad": str(models["bad"])}
     with pytest.raises(ValueError, match=r"expert 'bad' does not have the base's architecture: decoder/.*fc1.* shape"):
         run_merge(config)
-    with pytest.raises(ConfigError, match="eval.best_set: 'nope'"):
-        config = _config(models, tmp_path)
-        config.eval.sets = {"dev": dataset_config(path="x")}
-        config.eval.best_set = "nope"
-        run_merge(config)
+    for best_set in ("nope", "dev+nope"):
+        with pytest.raises(ConfigError, match="eval.best_set: 'nope' is not one of the eval sets"):
+            config = _config(models, tmp_path)
+            config.eval.sets = {"dev": dataset_config(path="x")}
+            config.eval.best_set = best_set
+            run_merge(config)
 
 
 def _merged_per_layer(method: str, **kw) -> dict:
