@@ -46,22 +46,55 @@ def soup(tvs, base, key, *, weights=None):
 
 
 # --------------------------------------------------------------------------- sparsification
+def _sortable_bits(v):
+    """uint32 keys ordered as the float32 values are (positive: flip the sign bit; negative: all bits;
+    -0.0 made +0.0 first, as the two compare equal)."""
+    v = v.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(v == 0, jnp.float32(0), v), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _lowest(v, j: int):
+    """Mask of the j smallest entries of the flat `v`, ties to the lower index: exactly what the first
+    j entries of a stable `argsort(v)` select. A sort of millions of entries is slow on XLA:CPU, so
+    the j-th smallest value is found by bisection over its 32 bits (32 counting passes), and the
+    entries tied with it are taken in index order."""
+    n = v.size
+    if j <= 0:
+        return jnp.zeros((n,), bool)
+    if j >= n:
+        return jnp.ones((n,), bool)
+    key = _sortable_bits(v)
+
+    def halve(_, lohi):  # invariant: the j-th smallest key lies in [lo, hi]
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(key <= mid) >= j
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    kth, _ = jax.lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    below = key < kth
+    tied = key == kth
+    return below | (tied & (jnp.cumsum(tied) <= j - jnp.sum(below)))
+
+
 def _magnitude_mask(x, density: float):
-    """Keep the k = max(1, int(density * numel)) largest magnitudes (mergekit `magnitude`)."""
-    n = x.size
-    k = max(1, int(density * n))
-    order = jnp.argsort(-jnp.abs(x).reshape(-1))
-    return jnp.zeros((n,), x.dtype).at[order[:k]].set(1).reshape(x.shape)
+    """Keep the k = max(1, int(density * numel)) largest magnitudes (mergekit `magnitude`, whose
+    stable descending argsort breaks ties by index)."""
+    k = max(1, int(density * x.size))
+    return _lowest(-jnp.abs(x).reshape(-1), k).astype(x.dtype).reshape(x.shape)
 
 
 def _outlier_mask(x, density: float, gamma: float):
     """Drop the gamma share of largest magnitudes, then the smallest, keeping int(density * numel)
-    (mergekit `magnitude_outliers`, Model Breadcrumbs)."""
+    (mergekit `magnitude_outliers`, Model Breadcrumbs: ranks [n_bot, n_bot + target) of an ascending
+    stable argsort)."""
     n = x.size
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    order = jnp.argsort(jnp.abs(x).reshape(-1))
-    return jnp.zeros((n,), x.dtype).at[order[n_bot:n_bot + target]].set(1).reshape(x.shape)
+    a = jnp.abs(x).reshape(-1)
+    keep = _lowest(a, n_bot + target) & ~_lowest(a, n_bot)
+    return keep.astype(x.dtype).reshape(x.shape)
 
 
 def _rescale_l1(x, masked, eps: float = 1e-7):

@@ -12,6 +12,26 @@ import jax
 import jax.numpy as jnp
 
 
+def _t(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def top_svd(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The k leading singular triplets (u [..., m, k], s [..., k], vt [..., k, n]) of x [..., m, n],
+    from the eigendecomposition of its smaller Gram matrix: on a CPU a symmetric eigensolver plus
+    matmuls costs about a third of an SVD, and the leading triplets, which TSV-M keeps, come out
+    accurately (the relative error of the i-th grows as eps * (s_1 / s_i)^2; TSV-M weights it by
+    s_i). Not for polar factors: those need every direction, small ones included (`polar`)."""
+    if x.shape[-2] < x.shape[-1]:
+        v, s, ut = top_svd(_t(x), k)
+        return _t(ut), s, _t(v)
+    w, q = jnp.linalg.eigh(_t(x) @ x)  # ascending
+    w, q = w[..., ::-1][..., :k], q[..., ::-1][..., :k]
+    s = jnp.sqrt(jnp.maximum(w, 0.0))
+    u = (x @ q) / jnp.where(s > 0, s, 1.0)[..., None, :]  # a zero singular value leaves u = 0
+    return u, s, _t(q)
+
+
 def polar(x: jax.Array) -> jax.Array:
     """Orthogonal polar factor P Q^T of x = P S Q^T (the nearest matrix with orthonormal columns/rows)."""
     p, _, qt = jnp.linalg.svd(x, full_matrices=False)
@@ -61,8 +81,7 @@ def _tsv(tvs: jax.Array, ortho, boost_beta: float | None) -> jax.Array:
     k = min(m, n) // t
     if k == 0:  # more tasks than dimensions: nothing is kept
         return jnp.zeros((m, n), tvs.dtype)
-    u, s, vt = jnp.linalg.svd(tvs, full_matrices=False)  # batched over tasks
-    u, s, vt = u[:, :, :k], s[:, :k], vt[:, :k, :]
+    u, s, vt = top_svd(tvs, k)  # batched over tasks
     if boost_beta is not None:
         s = boost_singular_values(s, boost_beta)
     u_cat = jnp.transpose(u, (1, 0, 2)).reshape(m, t * k)  # task blocks side by side

@@ -112,3 +112,17 @@ def test_mesh_placement_gives_the_same_merge():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "MESH OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("j", [0, 1, 7, 500, 999, 1000])
+def test_lowest_is_a_stable_argsort_prefix(j):
+    """The bisection selection behind TIES/DARE/breadcrumbs masks picks what a stable argsort does,
+    ties (here: many, of both signs and zeros) going to the lower index."""
+    from jaxasr.merging.methods import _lowest
+
+    v = np.round(np.random.default_rng(j).standard_normal(1000), 1).astype(np.float32)
+    v[::50] = -0.0
+    v[1::50] = 0.0
+    expected = np.zeros(1000, bool)
+    expected[np.argsort(v, kind="stable")[:j]] = True
+    np.testing.assert_array_equal(np.asarray(jax.jit(_lowest, static_argnums=1)(v, j)), expected)
