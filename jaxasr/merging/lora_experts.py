@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxasr.merging.methods import METHODS, merge_deltas
 from jaxasr.models.lora import (LoraDense, _dense_modules, _plain_dense, _set_module, apply_lora,
-                                lora_config_of, lora_modules)
+                                layer_matrix_shape, lora_config_of, lora_modules)
 from jaxasr.training.step import token_loss
 
 log = logging.getLogger("jaxasr.experts")
@@ -133,7 +133,7 @@ def load_experts(workdir: str | Path, names: Sequence[str] | None = None, *, bes
 
 
 # --------------------------------------------------------------------------- deltas and the base
-def _module_at(model: nnx.Module, path: str) -> nnx.Module:
+def module_at(model: nnx.Module, path: str) -> nnx.Module:
     m = model
     for part in path.split("/"):
         m = m[int(part)] if part.isdigit() else getattr(m, part)
@@ -175,7 +175,7 @@ def _base_and_deltas(experts: Sequence[Any], base: nnx.Module | None) -> tuple[n
             raise ValueError(f"expert {i} adapts {sorted(set(d) ^ keys)[:3]} differently from expert 0: "
                              "experts must share the LoRA targets")
     for p, d in deltas[0].items():
-        kernel = _module_at(base, p).kernel
+        kernel = module_at(base, p).kernel
         for i, e in enumerate(deltas):
             if tuple(e[p].shape) != tuple(kernel.shape):
                 raise ValueError(f"{p}: delta of expert {i} is {tuple(e[p].shape)}, kernel is {tuple(kernel.shape)}")
@@ -186,7 +186,7 @@ def apply_deltas(base: nnx.Module, delta: Deltas, alpha: float = 1.0) -> nnx.Mod
     """A copy of the plain `base` with `kernel + alpha * delta` at each path."""
     out = nnx.clone(base)
     for p, d in delta.items():
-        k = _module_at(out, p).kernel
+        k = module_at(out, p).kernel
         k[...] = (k[...].astype(jnp.float32) + alpha * jnp.asarray(d, jnp.float32)).astype(k.dtype)
     return out
 
@@ -252,7 +252,7 @@ def learn_weights(experts: Sequence[Any], batches: Sequence[Mapping[str, Any]], 
         w = jax.nn.softmax(theta)
         model = nnx.merge(graphdef, state, copy=True)
         for p, d in stacked.items():
-            k = _module_at(model, p).kernel
+            k = module_at(model, p).kernel
             k[...] = (k[...].astype(jnp.float32) + jnp.tensordot(w, d, axes=1)).astype(k.dtype)
         return token_loss(_logits(model, batch), batch["labels"], _mask(batch))[0]
 
@@ -281,12 +281,20 @@ def merge_experts(method: str, experts: Sequence[Any], *, base: nnx.Module | Non
     method over the experts' adapter deltas (`params` as `merge_deltas` takes them, e.g.
     density=0.2, or key=... for DARE)."""
     base, deltas = _base_and_deltas(experts, base)
-    tvs = [{p: np.asarray(d[p], np.float32) for p in d} for d in deltas]
+    # per layer and 2-D: our kernels stack layers and split heads, while the SVD methods (and
+    # their references) decompose each layer's [in, out] matrix
+    shapes = {p: layer_matrix_shape(module_at(base, p)) for p in deltas[0]}
+
+    def per_layer(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {f"{p}#{i}": m for p in shapes for i, m in enumerate(np.asarray(tree[p], np.float32).reshape(shapes[p]))}
+
     kernels = None
     if METHODS[method].uses_base:
-        kernels = {p: np.asarray(_module_at(base, p).kernel[...], np.float32) for p in deltas[0]}
-    merged = merge_deltas(method, tvs, base=kernels, **params)
-    return apply_deltas(base, merged, alpha)
+        kernels = per_layer({p: module_at(base, p).kernel[...] for p in shapes})
+    merged = merge_deltas(method, [per_layer(d) for d in deltas], base=kernels, **params)
+    delta = {p: np.stack([merged[f"{p}#{i}"] for i in range(shapes[p][0])]).reshape(deltas[0][p].shape)
+             for p in shapes}
+    return apply_deltas(base, delta, alpha)
 
 
 # --------------------------------------------------------------------------- (c) distillation

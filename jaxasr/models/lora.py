@@ -175,6 +175,14 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig) -> nnx.Module:
     return model
 
 
+def layer_matrix_shape(dense: nnx.Module) -> tuple[int, int, int]:
+    """(stacked layers, inputs, outputs) of a Dense/LoraDense kernel: its per-layer 2-D matrices
+    (what per-matrix methods such as SVD-based merging decompose) are `kernel.reshape(shape)[i]`."""
+    lead = _n_stacked(dense.kernel)
+    shape = tuple(dense.kernel.shape)
+    return (math.prod(shape[:lead]), math.prod(shape[lead:lead + dense.n_in]), math.prod(shape[lead + dense.n_in:]))
+
+
 def lora_modules(model: nnx.Module) -> dict[str, LoraDense]:
     """{'a/b/c' module path: LoraDense} of the adapted layers."""
     return {_path_str(p): m for p, m in _dense_modules(model, LoraDense)}

@@ -17,7 +17,9 @@ from flax import nnx
 
 from jaxasr.merging.lora_experts import (adapter_deltas, distill_data_config, distill_loss, domain_weights, expert_config, init_student,
                                          learn_weights, make_distill_step, merge_experts, strip_lora, weighted_sum)
-from jaxasr.models.lora import LoraConfig, apply_lora, lora_modules, merge_lora
+from jaxasr.merging import merge_deltas
+from jaxasr.merging.lora_experts import module_at
+from jaxasr.models.lora import LoraConfig, apply_lora, layer_matrix_shape, lora_modules, merge_lora
 from jaxasr.models.whisper import Whisper, WhisperConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,8 +119,18 @@ def test_merge_experts_matches_weighted_sums(tiny):
     np.testing.assert_allclose(_logits(ta, batch), _logits(weighted_sum(experts, [1.0, 1.0]), batch), atol=1e-5)
     soup = merge_experts("soup", experts)
     np.testing.assert_allclose(_logits(soup, batch), _logits(weighted_sum(experts, [0.5, 0.5]), batch), atol=1e-5)
-    tsv = merge_experts("tsv_m", experts, alpha=0.5)  # SVD methods run on the kernel-layout deltas
+    tsv = merge_experts("tsv_m", experts, alpha=0.5)
     assert np.isfinite(_logits(tsv, batch)).all()
+    # SVD methods decompose each layer's 2-D [in, out] matrix, not the stacked multi-dim kernel
+    base = strip_lora(experts[0])
+    for path in list(lora_modules(experts[0]))[:2]:
+        layers, n_in, n_out = layer_matrix_shape(module_at(base, path))
+        deltas = [np.asarray(adapter_deltas(e)[path]).reshape(layers, n_in, n_out) for e in experts]
+        got = (np.asarray(module_at(tsv, path).kernel[...]) - np.asarray(module_at(base, path).kernel[...]))
+        got = got.reshape(layers, n_in, n_out) / 0.5
+        for i in range(layers):
+            expected = merge_deltas("tsv_m", [{"w": d[i]} for d in deltas])["w"]
+            np.testing.assert_allclose(got[i], expected, atol=1e-5, err_msg=f"{path} layer {i}")
 
 
 # --------------------------------------------------------------------------- (c) distillation
