@@ -17,6 +17,10 @@ DATA = "build/demo"
 RUNS = "runs/merge_demo"
 # Method parameters other than the defaults (jaxasr.merging.METHODS[m].defaults).
 PARAMS = {"ties": {"density": 0.3}, "dare_ties": {"density": 0.3}}
+# The scale of a merged delta differs by method: a soup averages (alpha 2 = the sum of the task
+# vectors), BoostedTSV-M raises the small singular values of steep spectra (a much larger delta).
+ALPHAS = {"boosted_tsv_m": (0.05, 0.1, 0.2, 0.3, 0.5), "soup": (1.0, 1.5, 2.0, 2.5, 3.0),
+          "ties": (1.0, 1.5, 2.0, 2.5, 3.0)}
 
 
 def _set(name: str) -> dict:
@@ -29,7 +33,7 @@ def get_config(method: str = "tsv_m"):
     c.experts = {d: f"workdir:{RUNS}/{d}@best" for d in ("pharmacy", "banking")}
     c.method = method
     c.params = PARAMS.get(method, {})
-    c.alphas = (0.5, 0.75, 1.0, 1.25, 1.5)
+    c.alphas = ALPHAS.get(method, (0.5, 0.75, 1.0, 1.25, 1.5))
     c.eval.sets = {"pharmacy_dev": _set("pharmacy_dev"), "banking_dev": _set("banking_dev")}
     c.eval.best_set = "pharmacy_dev+banking_dev"
     c.eval.batch_size = 16

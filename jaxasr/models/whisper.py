@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxasr.models import cpu_attention
 from jaxasr.models.layers import Buffer, Conv1d, Dense, Embed, LayerNorm, constrain
 
 # --------------------------------------------------------------------------- config
@@ -139,17 +140,21 @@ def _attend(q, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None):
 
     `jax.nn.dot_product_attention` (XLA, or cuDNN when `attention_impl="cudnn"`), except for long
     unmasked attention on the CPU backend by default: there the XLA path materializes the whole
-    [batch, heads, T, T] score matrix, and query blocks measured 2.6x faster (Whisper's encoder).
+    [batch, heads, T, T] score matrix, and the cache-sized loops of `cpu_attention` are 2-4x
+    faster (Whisper's encoder); one device: per (batch, head), several: per query block.
+    `attention_impl="blocked"` asks for the query-block loop wherever attention is unmasked.
     """
     scale = q.shape[-1] ** -0.5
     impl = cfg.attention_impl
-    blocked = impl == "blocked" or (
-        impl is None and q.shape[1] >= 2 * _QUERY_BLOCK and mask is None and not is_causal
-        and jax.default_backend() == "cpu"
-    )
-    if blocked:
-        return _blocked_attention(q, k, v, scale)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+    if mask is None and not is_causal:  # the CPU loops have no masking
+        if impl == "blocked":
+            return cpu_attention.blocked_attention(q, k, v, scale)
+        if impl is None and q.shape[1] >= 2 * cpu_attention.QUERY_BLOCK and jax.default_backend() == "cpu":
+            if jax.device_count() == 1:
+                return cpu_attention.per_head_attention(q, k, v, scale)
+            return cpu_attention.blocked_attention(q, k, v, scale)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
+                                        implementation=None if impl == "blocked" else impl)
 
 
 def _attend_head_major(q, kh, vh, mask=None):
@@ -161,28 +166,6 @@ def _attend_head_major(q, kh, vh, mask=None):
         scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
     return jnp.einsum("bhst,bhtd->bshd", probs, vh, preferred_element_type=jnp.float32).astype(q.dtype)
-
-
-_QUERY_BLOCK = 150  # queries per block: the [batch, heads, block, T] scores stay cache-sized
-
-
-def _blocked_attention(q, k, v, scale):
-    """Unmasked attention one block of queries at a time (same numbers, less memory traffic)."""
-    batch, length, heads, dim = q.shape
-    n_blocks = -(-length // _QUERY_BLOCK)
-    pad = n_blocks * _QUERY_BLOCK - length
-    qh = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    qh = qh.reshape(batch, n_blocks, _QUERY_BLOCK, heads, dim).transpose(1, 0, 3, 2, 4)  # [n, B, H, c, D]
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, D]
-
-    def block(qb):
-        scores = jnp.einsum("bhqd,bhkd->bhqk", qb, kh, preferred_element_type=jnp.float32)
-        probs = jnp.exp(scores - scores.max(-1, keepdims=True))
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-        return (out / probs.sum(-1, keepdims=True)).astype(q.dtype)
-
-    out = jax.lax.map(block, qh)  # [n, B, H, c, D]
-    return out.transpose(1, 0, 3, 2, 4).reshape(batch, n_blocks * _QUERY_BLOCK, heads, dim)[:, :length]
 
 
 class Attention(nnx.Module):

@@ -63,8 +63,8 @@ def ref_and_inputs(request):
 @pytest.mark.parametrize(
     "runtime",
     [dict(), dict(scan_layers=True), dict(remat_policy="full"), dict(scan_layers=True, remat_policy="dots"),
-     dict(attention_impl="xla")],
-    ids=["loop", "scan", "loop-remat", "scan-remat", "xla-attention"],
+     dict(attention_impl="xla"), dict(attention_impl="blocked")],
+    ids=["loop", "scan", "loop-remat", "scan-remat", "xla-attention", "blocked-attention"],
 )
 def test_logits_match_transformers(ref_and_inputs, runtime):
     ref, features, tokens, expected = ref_and_inputs
