@@ -2,7 +2,7 @@
 
     python tools/bench_train.py [--models tiny base] [--batch 8] [--label-len 64] [--steps 5]
                                 [--threads N] [--dtype float32|bfloat16] [--remat none|full|dots|...]
-                                [--scan] [--xla-flags FLAGS]
+                                [--scan] [--attention auto|xla|blocked] [--xla-flags FLAGS]
 
 Both sides train the same thing, in this one process:
   weights    one random init (jaxasr `Whisper(cfg, rngs=nnx.Rngs(0))`), converted to a transformers
@@ -175,7 +175,8 @@ def build_jaxasr(cfg, batch_np: dict[str, np.ndarray]) -> tuple[Side, dict]:
         return float(loss), float(gnorm)
 
     mode = f"TrainStep jit, {cfg.dtype}" + (", scan" if cfg.scan_layers else "") + (
-        f", remat={cfg.remat_policy}" if cfg.remat_policy != "none" else "")
+        f", remat={cfg.remat_policy}" if cfg.remat_policy != "none" else "") + (
+        f", attention={cfg.attention_impl}" if cfg.attention_impl else "")
     return Side("jaxasr", mode, build_s, step), flat
 
 
@@ -255,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="compute dtype (params and optimizer fp32); bfloat16: jaxasr cfg.dtype, torch autocast")
     p.add_argument("--remat", default="none", help="jaxasr remat policy (none, full, dots, dots_no_batch)")
     p.add_argument("--scan", action="store_true", help="jaxasr: nnx.scan over layers instead of unrolling")
+    p.add_argument("--attention", choices=["auto", "xla", "blocked"], default="auto",
+                   help="jaxasr attention_impl: auto (CPU: per-head loop), xla, blocked (query-block loop)")
     p.add_argument("--xla-flags", default=None, help="set XLA_FLAGS for this run (before jax loads)")
     args = p.parse_args(argv)
     if min(args.batch, args.label_len, args.steps) < 1:
@@ -288,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rows = []
     for name in args.models:
-        cfg = WhisperConfig.preset(name, dtype=args.dtype, scan_layers=args.scan, remat_policy=args.remat)
+        cfg = WhisperConfig.preset(name, dtype=args.dtype, scan_layers=args.scan, remat_policy=args.remat,
+                                   attention_impl=None if args.attention == "auto" else args.attention)
         batch_np = make_batch(cfg, args.batch, args.label_len)
         ours, flat = build_jaxasr(cfg, batch_np)
         n_params = sum(int(np.prod(v.shape)) for k, v in flat.items() if k != ("encoder", "embed_positions"))
