@@ -54,25 +54,36 @@ def _sortable_bits(v):
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
+_SAMPLE = 16384  # keys sampled to bracket the j-th smallest before bisecting
+
+
 def _lowest(v, j: int):
     """Mask of the j smallest entries of the flat `v`, ties to the lower index: exactly what the first
     j entries of a stable `argsort(v)` select. A sort of millions of entries is slow on XLA:CPU, so
-    the j-th smallest value is found by bisection over its 32 bits (32 counting passes), and the
-    entries tied with it are taken in index order."""
+    the j-th smallest value is found by bisection over its 32 bits (one counting pass per step),
+    started from a bracket read off a sorted sample (checked by two counts, else the full range):
+    about 20 passes instead of 32. Entries tied with it are taken in index order."""
     n = v.size
     if j <= 0:
         return jnp.zeros((n,), bool)
     if j >= n:
         return jnp.ones((n,), bool)
     key = _sortable_bits(v)
+    sample = jnp.sort(key[:: max(1, n // _SAMPLE)])
+    m = sample.size
+    margin = 2 * math.isqrt(m) + 2  # 4 sd of the sample rank of the j-th smallest: sqrt(m p (1 - p)) <= sqrt(m) / 2
+    at = j * m // n
+    lo, hi = sample[max(0, at - margin)], sample[min(m - 1, at + margin)]
+    lo = jnp.where(jnp.sum(key < lo) < j, lo, jnp.uint32(0))  # the answer is >= lo
+    hi = jnp.where(jnp.sum(key <= hi) >= j, hi, jnp.uint32(0xFFFFFFFF))  # ... and <= hi
 
-    def halve(_, lohi):  # invariant: the j-th smallest key lies in [lo, hi]
+    def halve(lohi):  # invariant: the j-th smallest key lies in [lo, hi]
         lo, hi = lohi
         mid = lo + (hi - lo) // 2
         enough = jnp.sum(key <= mid) >= j
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-    kth, _ = jax.lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    kth, _ = jax.lax.while_loop(lambda lohi: lohi[0] < lohi[1], halve, (lo, hi))
     below = key < kth
     tied = key == kth
     return below | (tied & (jnp.cumsum(tied) <= j - jnp.sum(below)))

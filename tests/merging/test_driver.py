@@ -126,3 +126,22 @@ def test_lowest_is_a_stable_argsort_prefix(j):
     expected = np.zeros(1000, bool)
     expected[np.argsort(v, kind="stable")[:j]] = True
     np.testing.assert_array_equal(np.asarray(jax.jit(_lowest, static_argnums=1)(v, j)), expected)
+
+
+@pytest.mark.parametrize("case", ["gaussian", "skewed"])
+def test_lowest_on_sampled_brackets(case):
+    """Large inputs: the bisection starts from a bracket read off a strided sample; 'skewed' puts
+    the answer where the sample has no entries, so the bracket's checks must fall back."""
+    from jaxasr.merging.methods import _lowest
+
+    n = 200_003
+    rng = np.random.default_rng(7)
+    v = np.round(rng.standard_normal(n), 2).astype(np.float32)
+    if case == "skewed":
+        v[:] = 1.0
+        v[-50:] = -np.arange(50, dtype=np.float32)  # the 50 smallest sit between sample points
+    fn = jax.jit(_lowest, static_argnums=1)
+    for j in (1, 17, n // 5, n - 1):
+        expected = np.zeros(n, bool)
+        expected[np.argsort(v, kind="stable")[:j]] = True
+        np.testing.assert_array_equal(np.asarray(fn(v, j)), expected, err_msg=f"j={j}")
