@@ -121,7 +121,8 @@ def table(results: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=ROOT / "runs/merge_demo")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--alphas", default=None, help="comma-separated alpha grid (default: configs/merge/demo.py's)")

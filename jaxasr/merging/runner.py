@@ -6,8 +6,9 @@
 The merged delta is computed once (`merge_deltas` over the experts' task vectors); every alpha of
 `config.alphas` then gives `base + alpha * delta`, decoded on every set of `config.eval.sets`
 (jitted greedy search, compiled once: all alphas share one model structure). The alpha with the
-lowest WER on `config.eval.best_set` (or mean WER of its '+'-joined sets) is kept and written as a jaxasr model directory (`out/jaxasr`)
-and a Hugging Face directory (`out/hf`); the grid goes to `out/alpha_grid.tsv` and `.json`.
+lowest WER on `config.eval.best_set` (or the mean WER of its '+'-joined sets) is kept and written
+as a jaxasr model directory (`out/jaxasr`) and a Hugging Face directory (`out/hf`); the grid goes
+to `out/alpha_grid.tsv` and `.json`.
 
 A checkpoint is anything `jaxasr.convert.sources.load_checkpoint` reads (a Hugging Face directory or
 hub id, a CTranslate2 directory, a jaxasr model directory, `bundled:tiny.en`), or a training run:
@@ -29,7 +30,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxasr.configuration import ConfigError, config_to_json, load_config, selection_sets, selection_wer, split_overrides
+from jaxasr.configuration import (ConfigError, config_to_json, load_config, selection_sets, selection_wer,
+                                  split_overrides)
 from jaxasr.merging.methods import DEFAULT_MAX_GROUP_BYTES, METHODS
 
 log = logging.getLogger(__name__)

@@ -172,7 +172,8 @@ def test_frozen_encoder_experts_encode_once(models, eval_sets, tmp_path, monkeyp
 
     calls = []
     original = evaluation.Evaluator.encode_sets
-    monkeypatch.setattr(evaluation.Evaluator, "encode_sets", lambda self, model: calls.append(1) or original(self, model))
+    monkeypatch.setattr(evaluation.Evaluator, "encode_sets",
+                        lambda self, model: calls.append(1) or original(self, model))
 
     def rows(experts, out):
         config = _config(models, tmp_path / out, alphas=(0.5, 1.0))
