@@ -229,37 +229,6 @@ def test_expert_config_overrides_replace_data_sections():
         expert_config(c, "typo")
 
 
-SMALL = dict(d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-             encoder_ffn_dim=128, decoder_ffn_dim=128, max_target_positions=96)
-
-
-@pytest.fixture(scope="module")
-def small_whisper_dir(tiny_en_checkpoint, tmp_path_factory) -> Path:
-    """As tests/training/conftest.py: a random 2-layer Whisper with tiny.en's tokenizer."""
-    from jaxasr.convert.export import save_native
-    from jaxasr.convert.sources import WhisperCheckpoint
-    from jaxasr.models.state import flat_state
-
-    base = tiny_en_checkpoint
-    cfg = dataclasses.replace(base.config(), **SMALL)
-    model = Whisper(cfg, rngs=nnx.Rngs(0))
-    params = {k: np.asarray(v) for k, v in flat_state(model).items()}
-    ckpt = WhisperCheckpoint(hf_config={**base.hf_config, **cfg.hf_fields()}, generation_config=base.generation_config,
-                             params=params, tokenizer=base.tokenizer, preprocessor_config=base.preprocessor_config,
-                             source="small-random")
-    return save_native(ckpt, tmp_path_factory.mktemp("small_whisper"))
-
-
-@pytest.fixture(scope="module")
-def speech_records(speech_clips, tmp_path_factory) -> Path:
-    from jaxasr.data.records import write_shards
-
-    out = tmp_path_factory.mktemp("speech_records")
-    write_shards(({"id": c.path.stem, "audio_bytes": c.path.read_bytes(), "text": c.text} for c in speech_clips),
-                 out, num_shards=1)
-    return out
-
-
 EXPERTS_CONFIG = """
 from jaxasr.data.pipeline import dataset_config
 from jaxasr.training.trainer import default_config

@@ -36,11 +36,6 @@ def _load(path: Path, name: str):
     return module
 
 
-# The trainer tests' fixtures (small random Whisper with tiny.en's vocabulary, 12 clips in ArrayRecord).
-_fixtures = _load(REPO / "tests" / "training" / "conftest.py", "_training_fixtures")
-small_whisper_dir = _fixtures.small_whisper_dir
-speech_records = _fixtures.speech_records
-
 CONFIG = """
 import importlib.util
 
