@@ -142,6 +142,19 @@ class LoraDense(Dense):
         return y + (h * jnp.asarray(self.scale, self.dtype)).astype(y.dtype)
 
 
+def train_dropout(model: nnx.Module, step: jax.Array) -> None:
+    """Turn LoRA dropout on in `model` (the train step's own copy) with masks for `step`: each
+    adapter's key folded with the step index, so every step draws new masks and a run resumed
+    from a checkpoint draws the very masks of an uninterrupted one."""
+    for _, m in _dense_modules(model, LoraDense):
+        if m.dropout > 0:
+            m.deterministic = False
+            data = m.lora_dropout_key[...]
+            keys = jax.random.wrap_key_data(data.reshape(-1, data.shape[-1]))
+            keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+            m.lora_dropout_key[...] = jax.random.key_data(keys).reshape(data.shape)
+
+
 def _path_str(path) -> str:
     return "/".join(str(p) for p in path)
 

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxasr.models.lora import train_dropout
 from jaxasr.parallel.mesh import LOGICAL_RULES, batch_sharding, opt_state_shardings, replicated, state_shardings
 from jaxasr.training.metrics import step_flops
 from jaxasr.training.optimizer import path_str
@@ -110,9 +111,10 @@ class TrainStep:
         self.shardings = (shard(self.trainable), shard(self.frozen), shard(self.opt_state))
         graphdef, tx, ls = self.graphdef, self.tx, self.label_smoothing
 
-        def step(trainable, frozen, opt_state, batch):
+        def step(trainable, frozen, opt_state, batch, index):
             def loss_fn(trainable):
                 model = nnx.merge(graphdef, trainable, frozen, copy=True)  # frozen arrays come from the outer trace
+                train_dropout(model, index)
                 return model_loss(model, batch, ls)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -123,15 +125,17 @@ class TrainStep:
 
         t, f, o = self.shardings
         self._flops: dict[tuple, float | None] = {}
-        self._step = jax.jit(step, in_shardings=(t, f, o, None), out_shardings=(t, o, replicated(self.mesh)),
+        self._step = jax.jit(step, in_shardings=(t, f, o, None, None), out_shardings=(t, o, replicated(self.mesh)),
                              donate_argnums=(0, 2))
 
     def batch_shardings(self, batch: dict[str, Any]) -> dict[str, NamedSharding]:
         return {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
 
-    def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def __call__(self, batch: dict[str, jax.Array], index: int = 0) -> dict[str, jax.Array]:
+        """One step on `batch`; `index` (the step number) draws the LoRA dropout masks, if any."""
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self._rules):
-            self.trainable, self.opt_state, metrics = self._step(self.trainable, self.frozen, self.opt_state, batch)
+            self.trainable, self.opt_state, metrics = self._step(self.trainable, self.frozen, self.opt_state, batch,
+                                                                 jnp.uint32(index))
         return metrics
 
     def flops(self, batch: dict[str, jax.Array]) -> float | None:
@@ -145,7 +149,8 @@ class TrainStep:
     def lower(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
         """Ahead-of-time lowering for memory and FLOP analysis (no data needed)."""
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self._rules):
-            return self._step.lower(self.trainable, self.frozen, self.opt_state, batch_shapes)
+            return self._step.lower(self.trainable, self.frozen, self.opt_state, batch_shapes,
+                                    jax.ShapeDtypeStruct((), jnp.uint32))
 
     def model_dict(self) -> dict:
         """All variables (trainable and frozen) as one nested dict of arrays: the checkpoint's model item."""

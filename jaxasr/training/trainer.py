@@ -131,9 +131,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
     freeze = tuple(config.optimizer.freeze)
     if config.model.lora.targets:
-        if config.model.lora.dropout:
-            raise ValueError("model.lora.dropout > 0 is not supported by the train step yet (its dropout key "
-                             "would not advance between steps); use 0")
         model = apply_lora(model, lora_config(config))
         freeze += (FREEZE_BASE,)
     _, trainable, _ = nnx.split(model, trainable_filter(freeze), ...)
@@ -226,7 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         tokens = int(batch["loss_mask"].sum())
         local = distributed.pad_to_common_shapes({k: v for k, v in batch.items() if k in BATCH_KEYS})
         device_batch = global_batch(local, mesh)
-        metrics = step_fn(device_batch)
+        metrics = step_fn(device_batch, step)
         step += 1
         throughput.add(len(batch["labels"]) * jax.process_count(), tokens * jax.process_count())
         if step % config.train.log_every == 0 or step == config.train.steps:

@@ -160,3 +160,23 @@ def test_train_step_updates_only_adapters():
     assert set(after) == set(before)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed == {k for k in before if k[-1] in ("lora_a", "lora_b")}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_train_step_dropout_masks_follow_the_step_index(dropout):
+    """With LoRA dropout the step's masks come from (adapter key, step index): the same index
+    gives the same loss (so a resumed run repeats an uninterrupted one), another index other
+    masks; without dropout the index changes nothing. sgd(0) keeps the weights fixed."""
+    from jaxasr.parallel.mesh import make_mesh
+    from jaxasr.training.step import TrainStep
+
+    model = lora_whisper(dropout=dropout)
+    randomize_b(model, std=1.0)
+    eval_logits = forward(model)
+    step = TrainStep.create(model, optax.sgd(0.0), make_mesh((1, 1, -1), jax.devices()[:1]), freeze=(FREEZE_BASE,))
+    batch = {"features": FEATURES, "decoder_input_ids": TOKENS, "labels": jnp.array([[2, 3, 4, 5], [6, 7, 8, 9]]),
+             "loss_mask": jnp.ones((2, 4), jnp.float32), "is_text": jnp.zeros((2,), bool)}
+    losses = [float(step(batch, index)["loss"]) for index in (3, 3, 4)]
+    assert losses[0] == losses[1]
+    assert (abs(losses[2] - losses[0]) > 1e-4) == (dropout > 0)
+    np.testing.assert_array_equal(forward(step.model()), eval_logits)  # evaluation stays deterministic
