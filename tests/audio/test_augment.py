@@ -17,6 +17,8 @@ from jaxasr.audio.augment import (
     speed_perturb,
 )
 
+from tests.audio.conftest import median_f0, rms
+
 SR = 16000
 SENTENCE = "Take the amoxicillin twice daily with food."
 
@@ -34,23 +36,6 @@ def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.asarray(x, np.float64) ** 2)))
-
-
-def _median_f0(x: np.ndarray, sr: int = SR) -> float:
-    """Rough pitch: median autocorrelation peak (60-400 Hz) over loud 40 ms frames."""
-    n, hop = int(0.04 * sr), int(0.01 * sr)
-    lo, hi = sr // 400, sr // 60
-    frames = [x[i : i + n] for i in range(0, len(x) - n, hop)]
-    loud = [f for f in frames if _rms(f) > 0.5 * _rms(x)]
-    f0 = []
-    for f in loud:
-        ac = np.correlate(f, f, "full")[n - 1 :]
-        f0.append(sr / (lo + np.argmax(ac[lo:hi])))
-    return float(np.median(f0))
-
-
 # --------------------------------------------------------------------------- speed
 
 
@@ -59,7 +44,7 @@ def test_speed_perturb_changes_length_and_pitch(speech, factor):
     out = speed_perturb(speech, factor)
     assert out.dtype == np.float32
     assert abs(len(out) - len(speech) / factor) <= 0.01 * len(speech) / factor
-    ratio = _median_f0(out) / _median_f0(speech)
+    ratio = median_f0(out) / median_f0(speech)
     assert ratio == pytest.approx(factor, abs=0.04)
 
 
@@ -79,7 +64,7 @@ def test_coloured_noise_slope_and_level(exponent):
     x = coloured_noise(1 << 16, exponent, _rng(1))
     assert x.dtype == np.float32 and x.shape == (1 << 16,)
     assert abs(float(np.mean(x, dtype=np.float64))) < 1e-6
-    assert _rms(x) == pytest.approx(1.0, abs=1e-5)
+    assert rms(x) == pytest.approx(1.0, abs=1e-5)
     f, p = scipy.signal.welch(x.astype(np.float64), nperseg=4096)
     band = (f > 0.002) & (f < 0.25)
     slope = np.polyfit(np.log10(f[band]), np.log10(p[band]), 1)[0]
@@ -169,7 +154,7 @@ def test_apply_gain_exact_db(speech, gain_db):
     quiet = (0.2 * speech / np.max(np.abs(speech))).astype(np.float32)
     out = apply_gain(quiet, gain_db)
     assert out.dtype == np.float32
-    assert 20 * np.log10(_rms(out) / _rms(quiet)) == pytest.approx(gain_db, abs=1e-4)
+    assert 20 * np.log10(rms(out) / rms(quiet)) == pytest.approx(gain_db, abs=1e-4)
 
 
 def test_apply_gain_clips(speech):

@@ -10,31 +10,16 @@ import soundfile as sf
 
 from jaxasr.audio.tts import available_voices, synthesize
 
+from tests.audio.conftest import median_f0, rms
+
 SENTENCE = "Take the amoxicillin twice daily with food."  # 7 words
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
-
-
-def _median_f0(x: np.ndarray, sr: int = 16000) -> float:
-    """Rough pitch: median autocorrelation peak (60-400 Hz) over loud 40 ms frames."""
-    n, hop = int(0.04 * sr), int(0.01 * sr)
-    lo, hi = sr // 400, sr // 60
-    frames = [x[i : i + n] for i in range(0, len(x) - n, hop)]
-    loud = [f for f in frames if _rms(f) > 0.5 * _rms(x)]
-    f0 = []
-    for f in loud:
-        ac = np.correlate(f, f, "full")[n - 1 :]
-        f0.append(sr / (lo + np.argmax(ac[lo:hi])))
-    return float(np.median(f0))
 
 
 def _check_speech(audio: np.ndarray, sr: int, min_s: float, max_s: float) -> None:
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert min_s < len(audio) / sr < max_s
     assert np.all(np.abs(audio) <= 1.0)
-    assert _rms(audio) > 0.02  # clearly not silent (typical speech is ~0.1)
+    assert rms(audio) > 0.02  # clearly not silent (typical speech is ~0.1)
     # Speech has pauses: a good part of the 20 ms frames are much quieter than the loudest.
     frames = audio[: len(audio) // 320 * 320].reshape(-1, 320)
     energy = np.sqrt((frames**2).mean(axis=1))
@@ -85,7 +70,7 @@ def test_rate_changes_duration() -> None:
 def test_pitch_changes_f0() -> None:
     low = synthesize(SENTENCE, pitch=10)
     high = synthesize(SENTENCE, pitch=90)
-    assert _median_f0(high) > 1.3 * _median_f0(low)
+    assert median_f0(high) > 1.3 * median_f0(low)
     assert abs(len(high) - len(low)) < 0.1 * len(low)  # pitch alone keeps the timing
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -224,27 +225,34 @@ def test_two_processes_train_like_one_then_resume(tmp_path, config_file):
     assert summary_two["final"]["dev/cer"] == pytest.approx(summary_one["final"]["dev/cer"], abs=1e-6)
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_when_one_process_dies_the_other_stops_with_an_error(tmp_path, config_file, victim):
-    """kill -9 of a worker (1) or of the process hosting the coordinator (0): the survivor must exit
-    non-zero by itself, within the heartbeat timeout plus a margin, saying why."""
-    proc = _local(2, config_file, tmp_path, "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
+@contextlib.contextmanager
+def _training_until_first_step(workdir: Path, config: Path):
+    """A long 2-process run, yielded as (launcher, {process id: pid}) once it has logged a step;
+    whatever is still running on exit is killed."""
+    proc = _local(2, config, workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and not ((tmp_path / "metrics.jsonl").is_file() and _losses(tmp_path)):
-            assert proc.poll() is None, proc.stderr.read()[-3000:] + _logs(tmp_path)
+        while time.time() < deadline and not ((workdir / "metrics.jsonl").is_file() and _losses(workdir)):
+            assert proc.poll() is None, proc.stderr.read()[-3000:] + _logs(workdir)
             time.sleep(0.5)
-        assert _losses(tmp_path), "no training step within 600 s"
-        pids = dict(line.split() for line in (tmp_path / "logs" / "pids").read_text().splitlines())
-        os.kill(int(pids[str(victim)]), signal.SIGKILL)
-        killed = time.perf_counter()
-        proc.wait(timeout=HEARTBEAT_S + 80)
-        elapsed = time.perf_counter() - killed
+        assert _losses(workdir), "no training step within 600 s"
+        yield proc, dict(line.split() for line in (workdir / "logs" / "pids").read_text().splitlines())
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_when_one_process_dies_the_other_stops_with_an_error(tmp_path, config_file, victim):
+    """kill -9 of a worker (1) or of the process hosting the coordinator (0): the survivor must exit
+    non-zero by itself, within the heartbeat timeout plus a margin, saying why."""
+    with _training_until_first_step(tmp_path, config_file) as (proc, pids):
+        os.kill(int(pids[str(victim)]), signal.SIGKILL)
+        killed = time.perf_counter()
+        proc.wait(timeout=HEARTBEAT_S + 80)
+        elapsed = time.perf_counter() - killed
     survivor = 1 - victim
     log = (tmp_path / "logs" / f"process_{survivor}.log").read_text()
     launcher = proc.stderr.read()
@@ -260,20 +268,9 @@ def test_when_one_process_dies_the_other_stops_with_an_error(tmp_path, config_fi
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path, config_file):
     """A signal reaching one host (or the hosts at different steps) must not split the job: all
     processes agree to stop after the same step, save that checkpoint together and exit 0."""
-    proc = _local(2, config_file, tmp_path, "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
-                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not ((tmp_path / "metrics.jsonl").is_file() and _losses(tmp_path)):
-            assert proc.poll() is None, proc.stderr.read()[-3000:] + _logs(tmp_path)
-            time.sleep(0.5)
-        pids = dict(line.split() for line in (tmp_path / "logs" / "pids").read_text().splitlines())
+    with _training_until_first_step(tmp_path, config_file) as (proc, pids):
         os.kill(int(pids["1"]), signal.SIGTERM)
         proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 0, proc.stderr.read()[-3000:] + _logs(tmp_path)
     last = _steps(tmp_path)[-1]
     assert last >= max(_losses(tmp_path))

@@ -12,13 +12,11 @@ compile instead of minutes); the parameter layout, and so the FSDP figures, do n
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.subprocesses import json_result, start_python
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "plan_memory.py"
@@ -54,24 +52,12 @@ print(json.dumps({
 """
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+def _start(args: list[str]):
+    return start_python(args, cwd=ROOT)
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _result(proc: subprocess.Popen, what: str) -> dict:
-    try:
-        out, err = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed (exit {proc.returncode}):\n{err[-6000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+def _result(proc, what: str) -> dict:
+    return json_result(proc, what, timeout=900)
 
 
 @pytest.fixture(scope="module")

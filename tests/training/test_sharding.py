@@ -10,13 +10,11 @@ over fsdp / tensor (a comparison of unsharded runs would prove nothing).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.subprocesses import json_result, start_python
 
 SCRIPT = Path(__file__).with_name("sharded_losses.py")
 RTOL = 1e-5
@@ -33,22 +31,8 @@ MESHES_8 = {
 }
 
 
-def _start(devices: int, meshes: dict[str, str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    args = [f"{name}={shape}" for name, shape in meshes.items()]
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(devices), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _result(proc: subprocess.Popen, what: str) -> dict:
-    try:
-        out, err = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed (exit {proc.returncode}):\n{err[-6000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+def _start(devices: int, meshes: dict[str, str]):
+    return start_python([str(SCRIPT), str(devices), *(f"{name}={shape}" for name, shape in meshes.items())])
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +40,8 @@ def runs() -> tuple[dict, dict]:
     # Both processes at once: each is mostly single-threaded XLA compilation.
     multi = _start(8, MESHES_8)
     single = _start(1, {"single": "1,1,1"})
-    reference = _result(single, "1-device run")["single"]
-    return reference, _result(multi, "8-device runs")
+    reference = json_result(single, "1-device run")["single"]
+    return reference, json_result(multi, "8-device runs")
 
 
 def _rel(a: list[float], b: list[float]) -> list[float]:
