@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
 
 import jiwer
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
 
+SPELLING_FILE = Path(__file__).parent / "third_party" / "openai_whisper" / "english.json"
+
+
+@lru_cache
+def english_spelling() -> dict[str, str]:
+    """Whisper's British-to-American spelling map (what HF Whisper repos ship as normalizer.json)."""
+    return json.loads(SPELLING_FILE.read_text(encoding="utf-8"))
+
+
 def normalizer(language: str | None = "en", spelling: dict[str, str] | None = None) -> Callable[[str], str]:
-    """Whisper's English normalizer for English (contractions, numbers, spelling when a mapping is
-    given); the basic one (case, punctuation, diacritics) for other languages."""
+    """Whisper's English normalizer for English (contractions, numbers, British-to-American
+    spelling: Whisper's own map unless `spelling` gives another), as Whisper's published WERs are
+    computed; the basic one (case, punctuation, diacritics) for other languages."""
     if language in (None, "en", "english"):
-        return EnglishTextNormalizer(spelling or {})
+        return EnglishTextNormalizer(english_spelling() if spelling is None else spelling)
     return BasicTextNormalizer(remove_diacritics=False)
 
 
