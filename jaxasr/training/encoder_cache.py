@@ -21,19 +21,43 @@ from jaxasr.training.evaluation import encode_features
 from jaxasr.training.optimizer import param_paths
 
 
-def encode_examples(model, examples: Sequence[dict], *, n_mels: int, batch_size: int = 16) -> list[dict]:
-    """Raw examples -> examples with `encoded` in place of audio; bad ones stay skip markers."""
+def encode_examples(model, examples: Sequence[dict], *, n_mels: int, batch_size: int = 16, process_index: int = 0,
+                    process_count: int = 1) -> list[dict]:
+    """Raw examples -> examples with `encoded` in place of audio; bad ones stay skip markers.
+
+    Every process returns all of them (the training pipeline may hand any row to any process), but
+    with several processes each encodes only every `process_count`-th clip and the encodings are
+    exchanged chunk by chunk, so the set is encoded once per job. All processes must pass the same
+    examples: the decode (cheap, deterministic) tells each the same list of good clips.
+    """
     decode = T.DecodeAudio()
     decoded = [decode.map(dict(ex)) for ex in examples]
     good = [i for i, ex in enumerate(decoded) if not T.skipped(ex)]
+    shares = [good[p::process_count] for p in range(process_count)]  # process p's clips
     encoded = {}
-    for start in range(0, len(good), batch_size):  # log-mel per chunk: bounded host memory
-        rows = good[start:start + batch_size]
-        feats = log_mel_numpy_batch([decoded[i]["audio"] for i in rows], n_mels=n_mels)
-        encoded.update(zip(rows, encode_features(model, feats, batch_size)))
+    per_process = len(shares[0])  # the largest share
+    for start in range(0, per_process, batch_size):  # the same number of chunks on every process
+        rows = shares[process_index][start:start + batch_size]
+        feats = log_mel_numpy_batch([decoded[i]["audio"] for i in rows], n_mels=n_mels)  # bounded host memory
+        outputs = encode_features(model, feats, batch_size)
+        for p, chunk in enumerate(_exchange(outputs, batch_size, process_count)):
+            encoded.update(zip(shares[p][start:start + batch_size], chunk))
     return [ex if T.skipped(ex) else
             {k: v for k, v in ex.items() if k not in ("audio", "audio_bytes")} | {"encoded": encoded[i]}
             for i, ex in enumerate(decoded)]
+
+
+def _exchange(rows: np.ndarray, batch_size: int, process_count: int) -> list[np.ndarray]:
+    """Every process's `rows` (at most `batch_size`, equal trailing shapes), on every process."""
+    if process_count == 1:
+        return [rows]
+    from jax.experimental import multihost_utils
+
+    padded = np.zeros((batch_size,) + rows.shape[1:], rows.dtype)
+    padded[:len(rows)] = rows
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray(len(rows), np.int64))).reshape(-1)
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [process_count, batch_size, ...]
+    return [gathered[p, :counts[p]] for p in range(process_count)]
 
 
 def check_encoder_frozen(freeze: Sequence[str], model) -> None:
@@ -47,8 +71,7 @@ def check_encoder_frozen(freeze: Sequence[str], model) -> None:
 def encoded_sources(model, data_cfg, *, n_mels: int, freeze: Sequence[str], process_index: int = 0,
                     process_count: int = 1) -> dict[str, data_sources.InMemorySource]:
     """An in-memory source of encoder outputs for every audio component of `data_cfg.train` (all rows: the pipeline
-    takes this process's share of them as it does of any source)."""
-    del process_index, process_count  # every process encodes the whole (small) set; see module doc
+    takes this process's share of them as it does of any source; the processes share the encoding)."""
     check_encoder_frozen(freeze, model)
     augment = data_cfg.augment
     active = [k for k in ("speed", "noise", "gain", "spec_augment", "multiscale") if augment[k].enabled]
@@ -60,5 +83,8 @@ def encoded_sources(model, data_cfg, *, n_mels: int, freeze: Sequence[str], proc
         if ds_cfg.kind != "audio":
             continue
         source = data_sources.make_source(ds_cfg)
-        out[name] = data_sources.InMemorySource(encode_examples(model, [source[i] for i in range(len(source))], n_mels=n_mels))
+        examples = [source[i] for i in range(len(source))]
+        out[name] = data_sources.InMemorySource(encode_examples(model, examples, n_mels=n_mels,
+                                                                process_index=process_index,
+                                                                process_count=process_count))
     return out

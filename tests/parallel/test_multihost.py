@@ -180,6 +180,57 @@ def test_eval_batches_return_each_process_its_own_rows(tmp_path):
         assert proc.returncode == 0 and f"rows back where they came from {i}" in out, out[-3000:]
 
 
+ENCODE_SHARED = """
+import json, sys
+import jax, numpy as np
+from flax import nnx
+from jaxasr.parallel import distributed
+distributed.initialize(None)  # from JAXASR_* in the environment (absent: one process)
+from jaxasr.convert.sources import load_checkpoint
+from jaxasr.data.sources import make_source
+from jaxasr.data.pipeline import dataset_config
+from jaxasr.parallel.mesh import make_mesh, replicated
+from jaxasr.training import encoder_cache
+
+model = load_checkpoint(sys.argv[1]).build()
+nnx.update(model, jax.device_put(nnx.state(model), replicated(make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))))
+source = make_source(dataset_config(source="arrayrecord", path=sys.argv[2]))
+examples = [source[i] for i in range(len(source))]
+examples.append({"id": "bad", "audio_bytes": b"not audio", "text": "x"})  # a skip marker, in place
+calls = []
+encode = encoder_cache.encode_features
+encoder_cache.encode_features = lambda m, f, b: calls.append(len(f)) or encode(m, f, b)
+out = encoder_cache.encode_examples(model, examples, n_mels=model.cfg.num_mel_bins, batch_size=4,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+# A digest per clip: its total magnitude and a corner of values (the plain sum of a layer-normed output is ~0).
+digest = lambda x: [float(np.abs(x.astype(np.float64)).sum())] + x[:3, :3].astype(float).ravel().tolist()
+print(json.dumps({"encoded_here": sum(calls), "sums": [digest(ex["encoded"]) if "encoded" in ex else None for ex in out],
+                  "ids": [ex.get("id") for ex in out]}))
+"""
+
+
+def test_processes_share_the_encoder_cache(tmp_path, small_whisper_dir, speech_records):
+    """Frozen-encoder recipe on 2 processes: each encodes half the clips, both end with all of them,
+    equal to what one process computes alone (bad clips stay skip markers in place)."""
+    args = [sys.executable, "-c", ENCODE_SHARED, str(small_whisper_dir), str(speech_records)]
+    one = subprocess.run(args, env=_env(4), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    alone = json.loads(one.stdout.strip().splitlines()[-1])
+    env = {**_env(4), "JAXASR_COORDINATOR": f"127.0.0.1:{_free_port()}", "JAXASR_NUM_PROCESSES": "2"}
+    procs = [subprocess.Popen(args, env={**env, "JAXASR_PROCESS_ID": str(i)}, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    shared = []
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+        shared.append(json.loads(out.strip().splitlines()[-1]))
+    assert alone["encoded_here"] == 12 and [r["encoded_here"] for r in shared] == [6, 6]
+    assert alone["sums"][-1] is None and alone["ids"][:-1] == [r for r in shared[0]["ids"][:-1]]
+    for result in shared:
+        assert result["ids"] == alone["ids"] and result["sums"][-1] is None
+        np.testing.assert_allclose(np.array(result["sums"][:-1]), np.array(alone["sums"][:-1]), rtol=2e-3, atol=2e-3)
+
+
 def _free_port() -> int:
     import socket
 

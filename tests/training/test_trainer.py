@@ -144,7 +144,8 @@ def test_lora_run_trains_only_adapters_and_exports(tmp_path, small_whisper_dir, 
     from jaxasr.export import main, restore_run
 
     done = subprocess.run(_cmd(tmp_path / "run", small_whisper_dir, speech_records, "--config.train.steps=2",
-                               "--config.model.lora.targets=('(q_proj|v_proj)$',)", "--config.model.lora.rank=4"),
+                               "--config.model.lora.targets=('(q_proj|v_proj)$',)", "--config.model.lora.rank=4",
+                               "--config.model.lora.dropout=0.1"),
                           env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -160,3 +161,22 @@ def test_lora_run_trains_only_adapters_and_exports(tmp_path, small_whisper_dir, 
     with torch.no_grad():
         ref = peft_model(input_features=torch.from_numpy(features), decoder_input_ids=torch.from_numpy(ids).long()).logits
     np.testing.assert_allclose(np.asarray(model(features, ids)), ref.numpy(), atol=1e-4)
+
+
+def test_cached_encoder_trains_like_the_frozen_encoder(tmp_path, small_whisper_dir, speech_records):
+    """train.cache_encoder (encoder outputs computed once per clip, float16) gives the losses of
+    running the frozen encoder at every step; it refuses an encoder that would train."""
+    frozen = ("--config.train.steps=3", "--config.optimizer.freeze=('^encoder/',)")
+    runs = {}
+    for name, extra in (("live", ()), ("cached", ("--config.train.cache_encoder=True",))):
+        done = subprocess.run(_cmd(tmp_path / name, small_whisper_dir, speech_records, *frozen, *extra), env=_env(),
+                              capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = _losses(tmp_path / name)
+    assert sorted(runs["cached"]) == sorted(runs["live"]) == [1, 2, 3]
+    np.testing.assert_allclose([runs["cached"][s] for s in (1, 2, 3)], [runs["live"][s] for s in (1, 2, 3)], rtol=2e-3)
+
+    refused = subprocess.run(_cmd(tmp_path / "bad", small_whisper_dir, speech_records, "--config.train.steps=1",
+                                  "--config.train.cache_encoder=True"), env=_env(), capture_output=True, text=True,
+                             timeout=600, cwd=REPO)
+    assert refused.returncode != 0 and "train.cache_encoder needs a frozen encoder" in refused.stderr
