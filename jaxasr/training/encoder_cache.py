@@ -37,27 +37,26 @@ def encode_examples(model, examples: Sequence[dict], *, n_mels: int, batch_size:
     encoded = {}
     per_process = len(shares[0])  # the largest share
     for start in range(0, per_process, batch_size):  # the same number of chunks on every process
-        rows = shares[process_index][start:start + batch_size]
-        feats = log_mel_numpy_batch([decoded[i]["audio"] for i in rows], n_mels=n_mels)  # bounded host memory
-        outputs = encode_features(model, feats, batch_size)
-        for p, chunk in enumerate(_exchange(outputs, batch_size, process_count)):
-            encoded.update(zip(shares[p][start:start + batch_size], chunk))
+        chunks = [share[start:start + batch_size] for share in shares]
+        audio = [decoded[i]["audio"] for i in chunks[process_index]]
+        outputs = encode_features(model, log_mel_numpy_batch(audio, n_mels=n_mels), batch_size)  # bounded memory
+        for chunk, chunk_outputs in zip(chunks, _exchange(outputs, [len(c) for c in chunks], batch_size)):
+            encoded.update(zip(chunk, chunk_outputs))
     return [ex if T.skipped(ex) else
             {k: v for k, v in ex.items() if k not in ("audio", "audio_bytes")} | {"encoded": encoded[i]}
             for i, ex in enumerate(decoded)]
 
 
-def _exchange(rows: np.ndarray, batch_size: int, process_count: int) -> list[np.ndarray]:
-    """Every process's `rows` (at most `batch_size`, equal trailing shapes), on every process."""
-    if process_count == 1:
+def _exchange(rows: np.ndarray, counts: list[int], batch_size: int) -> list[np.ndarray]:
+    """Every process's `rows` (process p has `counts[p]` <= `batch_size`), on every process."""
+    if len(counts) == 1:
         return [rows]
     from jax.experimental import multihost_utils
 
     padded = np.zeros((batch_size,) + rows.shape[1:], rows.dtype)
     padded[:len(rows)] = rows
-    counts = np.asarray(multihost_utils.process_allgather(np.asarray(len(rows), np.int64))).reshape(-1)
-    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [process_count, batch_size, ...]
-    return [gathered[p, :counts[p]] for p in range(process_count)]
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, batch_size, ...]
+    return [gathered[p, :n] for p, n in enumerate(counts)]
 
 
 def check_encoder_frozen(freeze: Sequence[str], model) -> None:
