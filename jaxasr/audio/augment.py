@@ -52,27 +52,38 @@ def speed_perturb(audio: np.ndarray, factor: float, sample_rate: int = SAMPLE_RA
 
 
 def coloured_noise(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    """``n`` samples of noise with power spectrum ~ 1/f**exponent (0 white, 1 pink, 2 brown).
+    """``n`` samples of Gaussian noise with power spectrum ~ 1/f**exponent (0 white, 1 pink, 2 brown).
 
-    White Gaussian noise is shaped in the rFFT domain (DC bin zeroed), then made zero-mean and
-    scaled to unit RMS. The FFT runs at the next fast length and is cropped: a clip's length after
-    speed perturbation often has large prime factors, where an exact-length FFT was measured
-    10-30x slower. Fewer than 2 samples give zeros.
+    Coloured noise is synthesized in the rFFT domain: each bin above DC gets a complex Gaussian
+    coefficient scaled by f**(-exponent/2), drawn by Box-Muller from two uniforms (radius
+    sqrt(-2 ln u1), phase 2 pi u2), then the inverse FFT. That is the same distribution as shaping
+    Gaussian white noise, without its forward FFT and with uniform instead of Gaussian draws, which
+    measured 2-2.5x faster per clip (NumPy's normals were most of the time, and noise the costliest
+    augmentation). The result is zero-mean with unit RMS. The FFT runs at the next fast length and is
+    cropped: a clip's length after speed perturbation often has large prime factors, where an
+    exact-length FFT was measured 10-30x slower. Fewer than 2 samples give zeros.
     """
     if n < 2:
         return np.zeros(n, np.float32)
-    m = scipy.fft.next_fast_len(n, real=True)
-    white = rng.standard_normal(m, dtype=np.float32)
     if exponent == 0:
-        noise = white[:n]
+        noise = rng.standard_normal(n, dtype=np.float32)
     else:
-        spectrum = scipy.fft.rfft(white)
-        gain = np.zeros(len(spectrum), np.float32)
-        # Amplitude gain, so power goes as f**-exponent.
-        gain[1:] = (np.arange(1, len(spectrum), dtype=np.float32) / m) ** (-exponent / 2.0)
-        noise = scipy.fft.irfft(spectrum * gain, m)[:n]
-    noise = noise - noise.mean()
-    rms = np.sqrt(np.mean(noise**2))
+        m = scipy.fft.next_fast_len(n, real=True)
+        bins = m // 2 + 1
+        freq = np.arange(bins, dtype=np.float32)
+        freq[0] = 1.0  # DC is zeroed below; 1 avoids a division by zero
+        freq *= np.float32(1.0 / m)
+        amplitude = np.power(freq, np.float32(-exponent / 2.0), out=freq)
+        amplitude[0] = 0.0
+        u1, u2 = rng.random((2, bins), dtype=np.float32)
+        amplitude *= np.sqrt(-2.0 * np.log1p(-u1))  # Rayleigh radius (1 - u1 > 0)
+        u2 *= np.float32(2.0 * np.pi)
+        spectrum = np.empty(bins, np.complex64)
+        spectrum.real = amplitude * np.cos(u2)
+        spectrum.imag = amplitude * np.sin(u2)
+        noise = scipy.fft.irfft(spectrum, m, overwrite_x=True)[:n]
+    noise -= noise.mean(dtype=np.float64)
+    rms = np.sqrt(np.dot(noise, noise) / n)
     return _f32(noise / rms) if rms > 0 else np.zeros(n, np.float32)
 
 
@@ -95,24 +106,30 @@ def add_noise(
     scaled down to a 0.99 peak.
     """
     audio = _f32(audio)
-    noise = np.asarray(noise, dtype=np.float64)
+    noise = _f32(noise)
     if noise.size == 0:
         raise ValueError("noise is empty")
     if audio.size == 0:
         return audio.copy()
-    signal_power = np.mean(audio.astype(np.float64) ** 2)
+    signal_power = _power(audio)
     segment = _noise_segment(noise, len(audio), rng)
-    noise_power = np.mean(segment**2)
+    noise_power = _power(segment)
     if signal_power == 0 or noise_power == 0:
         return audio.copy()
     scale = np.sqrt(signal_power / (noise_power * 10.0 ** (snr_db / 10.0)))
-    mixed = audio + scale * segment
-    peak = np.max(np.abs(mixed))
+    mixed = segment * np.float32(scale)
+    mixed += audio
+    peak = float(np.max(np.abs(mixed)))
     if peak > 1.0:
         # Scale the whole mixture rather than clip: clipping would distort the speech and change
         # the SNR; a uniform gain keeps the SNR exact. 0.99 leaves headroom for 16-bit rounding.
-        mixed *= _PEAK_TARGET / peak
-    return _f32(mixed)
+        mixed *= np.float32(_PEAK_TARGET / peak)
+    return mixed
+
+
+def _power(x: np.ndarray) -> float:
+    """Mean square of a float32 signal (BLAS dot: float32 partial sums, ample for an SNR)."""
+    return float(np.dot(x, x)) / len(x)
 
 
 def apply_gain(audio: np.ndarray, gain_db: float) -> np.ndarray:
