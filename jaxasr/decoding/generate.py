@@ -134,7 +134,7 @@ def beam_search(
         scores, keep = jax.lax.top_k(jnp.where(token == rules.eot, NEG_INF, top_scores), k)
         seqs = cand_seqs[rows, keep]
         beam_rows = (jnp.arange(batch)[:, None] * k + parent[rows, keep]).reshape(-1)
-        cache = jax.tree.map(lambda a: jnp.take(a, beam_rows, axis=1), s["cache"])
+        cache = s["cache"].take_rows(beam_rows)
         nxt = token[rows, keep].reshape(-1, 1)
 
         # HF's is_done (early_stopping=False): the best running beam cannot beat the worst kept.
