@@ -142,13 +142,12 @@ class LoraDense(Dense):
         return y + (h * jnp.asarray(self.scale, self.dtype)).astype(y.dtype)
 
 
-def train_dropout(model: nnx.Module, step: jax.Array) -> None:
-    """Turn LoRA dropout on in `model` (the train step's own copy) with masks for `step`: each
-    adapter's key folded with the step index, so every step draws new masks and a run resumed
-    from a checkpoint draws the very masks of an uninterrupted one."""
+def fold_dropout_keys(model: nnx.Module, step: jax.Array) -> None:
+    """Fold `step` into every adapter's dropout key (in the train step's own copy of the model), so
+    each step draws new masks and a run resumed from a checkpoint draws the very masks of an
+    uninterrupted one. Dropout itself is on only in train mode (`model.train()`)."""
     for _, m in _dense_modules(model, LoraDense):
         if m.dropout > 0:
-            m.deterministic = False
             data = m.lora_dropout_key[...]
             keys = jax.random.wrap_key_data(data.reshape(-1, data.shape[-1]))
             keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxasr.models.lora import train_dropout
+from jaxasr.models.lora import fold_dropout_keys
 from jaxasr.parallel.mesh import LOGICAL_RULES, batch_sharding, opt_state_shardings, replicated, state_shardings
 from jaxasr.training.metrics import step_flops
 from jaxasr.training.optimizer import path_str
@@ -114,7 +114,8 @@ class TrainStep:
         def step(trainable, frozen, opt_state, batch, index):
             def loss_fn(trainable):
                 model = nnx.merge(graphdef, trainable, frozen, copy=True)  # frozen arrays come from the outer trace
-                train_dropout(model, index)
+                model.train()  # dropout on (LoRA's), in this copy only: evaluation stays deterministic
+                fold_dropout_keys(model, index)
                 return model_loss(model, batch, ls)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
