@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxasr.decoding.prompt import DecodingRules
-from jaxasr.models.whisper import KVCache, Whisper, per_layer
+from jaxasr.models.whisper import KVCache, Whisper
 
 NEG_INF = -jnp.inf
 
@@ -40,16 +40,18 @@ def _suppress(scores: jax.Array, rules: DecodingRules, first_step) -> jax.Array:
 def _start(model: Whisper, features, rules: DecodingRules, max_new_tokens: int, repeat: int = 1,
            encoded: bool = False):
     """Encode (unless `features` are encoder outputs already), project cross-attention K/V, run the
-    prompt through the decoder."""
-    cross = model.decoder.cross_kv(features if encoded else model.encode(features))  # [layers, batch, ...]
+    prompt through the decoder. Returns what the loop needs: the decoder layers, sliced once
+    (`decoding_layers`), cross K/V, the cache and the last prompt position's logits."""
+    layers = model.decoder.decoding_layers()
+    cross = model.decoder.cross_kv(features if encoded else model.encode(features), layers)
     if repeat > 1:  # one copy per beam, beams of an utterance adjacent
-        cross = jax.tree.map(lambda a: jnp.repeat(a, repeat, axis=1), cross)
-    cross = per_layer(model.cfg, cross)
+        batch_axis = 1 if model.cfg.scan_layers else 0  # stacked [layers, batch, ...] under scan
+        cross = jax.tree.map(lambda a: jnp.repeat(a, repeat, axis=batch_axis), cross)
     rows = features.shape[0] * repeat
     cache = KVCache.zeros(model.cfg, rows, len(rules.prompt) + max_new_tokens)
     prompt = jnp.broadcast_to(jnp.asarray(rules.prompt, jnp.int32), (rows, len(rules.prompt)))
-    logits, cache = model.decode(prompt, cross_kv=cross, cache=cache, index=0)
-    return cross, cache, logits[:, -1].astype(jnp.float32)
+    logits, cache = model.decode(prompt, cross_kv=cross, cache=cache, index=0, layers=layers)
+    return layers, cross, cache, logits[:, -1].astype(jnp.float32)
 
 
 @nnx.jit(static_argnames=("rules", "max_new_tokens", "encoded"))
@@ -58,7 +60,7 @@ def greedy_search(model: Whisper, features: jax.Array, rules: DecodingRules, max
     """features [B, n_mels, frames] (or encoder outputs [B, frames/2, d_model] with `encoded`) ->
     generated tokens [B, max_new_tokens], end-of-text padded."""
     batch, prompt_len = features.shape[0], len(rules.prompt)
-    cross, cache, logits = _start(model, features, rules, max_new_tokens, encoded=encoded)
+    layers, cross, cache, logits = _start(model, features, rules, max_new_tokens, encoded=encoded)
     tokens = jnp.full((batch, max_new_tokens), rules.eot, jnp.int32)
     done = jnp.zeros((batch,), bool)
 
@@ -72,7 +74,8 @@ def greedy_search(model: Whisper, features: jax.Array, rules: DecodingRules, max
         nxt = jnp.where(done, rules.eot, nxt)
         tokens = tokens.at[:, step].set(nxt)
         done = done | (nxt == rules.eot)
-        logits, cache = model.decode(nxt[:, None], cross_kv=cross, cache=cache, index=prompt_len + step)
+        logits, cache = model.decode(nxt[:, None], cross_kv=cross, cache=cache, index=prompt_len + step,
+                                     layers=layers)
         return step + 1, tokens, cache, logits[:, -1].astype(jnp.float32), done
 
     _, tokens, *_ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, cache, logits, done))
@@ -93,7 +96,7 @@ def beam_search(
     sum_logprob / length**length_penalty; the other best K continue. An utterance is done when its
     pool is full and no running beam can beat the pool's worst. Returns [B, max_new_tokens]."""
     batch, k, prompt_len = features.shape[0], beam_size, len(rules.prompt)
-    cross, cache, logits = _start(model, features, rules, max_new_tokens, repeat=k)
+    layers, cross, cache, logits = _start(model, features, rules, max_new_tokens, repeat=k)
     vocab = logits.shape[-1]
     rows = jnp.arange(batch)[:, None]
 
@@ -142,7 +145,7 @@ def beam_search(
         best_possible = normalized(scores[:, 0], step + 1)
         done = s["done"] | (pool_full & (fin_scores[:, -1] >= best_possible))
 
-        logits, cache = model.decode(nxt, cross_kv=cross, cache=cache, index=prompt_len + step)
+        logits, cache = model.decode(nxt, cross_kv=cross, cache=cache, index=prompt_len + step, layers=layers)
         return dict(step=step + 1, seqs=seqs, scores=scores, cache=cache,
                     logits=logits[:, -1].astype(jnp.float32), fin_seqs=fin_seqs, fin_scores=fin_scores, done=done)
 

@@ -283,11 +283,12 @@ def _stacked(make, n: int, rngs: nnx.Rngs):
     return build(rngs)
 
 
-def _run_stack(layers: nnx.Module, n: int, cfg: WhisperConfig, body, carry, xs):
+def _run_stack(layers: nnx.Module | list[nnx.Module], n: int, cfg: WhisperConfig, body, carry, xs):
     """Apply body(layer, carry, x_i, i) -> carry over stacked layers: `nnx.scan` or a plain loop.
 
     Both paths run the same body (rematerialized when `cfg.remat_policy` asks), so they give the
-    same numbers; scan compiles one layer, the loop unrolls them.
+    same numbers; scan compiles one layer, the loop unrolls them. `layers` may also be the list
+    that `unstack` gives (decoding loops slice the stack once, outside the loop).
     """
     policy = REMAT_POLICIES[cfg.remat_policy]
     if policy is not None:
@@ -300,23 +301,16 @@ def _run_stack(layers: nnx.Module, n: int, cfg: WhisperConfig, body, carry, xs):
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
         carry, _ = scan(layers, carry, (xs, jnp.arange(n)))
         return carry
-    graphdef, state = nnx.split(layers)
-    for i in range(n):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    for i, layer in enumerate(layers if isinstance(layers, list) else unstack(layers, n)):
         x_i = xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs)
         carry = body(layer, carry, x_i, i)
     return carry
 
 
-def per_layer(cfg: WhisperConfig, stacked):
-    """A layer-stacked tree as a list of per-layer trees for the unrolled loop (unchanged under scan).
-
-    Decoding slices the cross-attention keys/values once, before its loop, instead of at every
-    step: on CPU those per-step copies cost more than the rest of the step."""
-    if cfg.scan_layers:
-        return stacked
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
+def unstack(layers: nnx.Module, n: int) -> list[nnx.Module]:
+    """The n layers of a stacked module as separate modules (their parameters sliced out)."""
+    graphdef, state = nnx.split(layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- model
@@ -361,21 +355,31 @@ class WhisperDecoder(nnx.Module):
         self.layer_norm = LayerNorm(cfg.d_model, **kw)
         self.cfg = cfg
 
-    def cross_kv(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Cross-attention keys and values of every layer, head-major [layers, batch, heads, frames,
-        head_dim]: computed once per utterance for decoding."""
+    def decoding_layers(self) -> nnx.Module | list[DecoderLayer]:
+        """The layers as a loop that runs the decoder once per token should hold them: one module
+        per layer when unrolled (sliced once, before the loop: inside it XLA copied every layer's
+        weights out of the stack at each step), the stack under scan."""
+        return self.layers if self.cfg.scan_layers else unstack(self.layers, self.cfg.decoder_layers)
 
-        @nnx.vmap(in_axes=(0, None), out_axes=0)
+    def cross_kv(self, encoded: jax.Array, layers=None):
+        """Cross-attention keys and values, head-major [batch, heads, frames, head_dim]: computed
+        once per utterance for decoding. A list of (k, v) per layer when the layers are unrolled
+        (one projection per layer: slicing a stacked result copied the whole stack per layer);
+        stacked [layers, ...] under scan, which consumes them that way."""
+
         def project(layer, enc):
             k, v = layer.encoder_attn.kv(enc)
             return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-        return project(self.layers, encoded)
+        layers = self.decoding_layers() if layers is None else layers
+        if isinstance(layers, list):
+            return [project(layer, encoded) for layer in layers]
+        return nnx.vmap(project, in_axes=(0, None), out_axes=0)(layers, encoded)
 
-    def __call__(self, tokens, cross_kv, cache: KVCache | None = None, index=0):
+    def __call__(self, tokens, cross_kv, cache: KVCache | None = None, index=0, layers=None):
         """tokens [batch, len] at positions index.. -> (logits [batch, len, vocab], updated cache).
 
-        `cross_kv`: from `cross_kv`, stacked or as `per_layer` gives it."""
+        `cross_kv`: from `cross_kv`; `layers`: `decoding_layers()` when called in a loop."""
         cfg = self.cfg
         positions = index + jnp.arange(tokens.shape[1])
         scale = cfg.d_model**0.5 if cfg.scale_embedding else 1.0
@@ -385,7 +389,8 @@ class WhisperDecoder(nnx.Module):
             x, cache = carry
             return layer(x, kv[0], kv[1], cfg, cache, i, index)
 
-        x, cache = _run_stack(self.layers, cfg.decoder_layers, cfg, body, (x, cache), cross_kv)
+        layers = self.layers if layers is None else layers
+        x, cache = _run_stack(layers, cfg.decoder_layers, cfg, body, (x, cache), cross_kv)
         x = self.layer_norm(x)
         logits = self.embed_tokens.attend(x)  # Whisper ties the output projection to the embedding
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab")), cache
@@ -403,10 +408,12 @@ class Whisper(nnx.Module):
     def encode(self, features: jax.Array) -> jax.Array:
         return self.encoder(features)
 
-    def decode(self, tokens, encoded=None, *, cross_kv=None, cache: KVCache | None = None, index=0):
+    def decode(self, tokens, encoded=None, *, cross_kv=None, cache: KVCache | None = None, index=0, layers=None):
+        if layers is None:
+            layers = self.decoder.decoding_layers()
         if cross_kv is None:
-            cross_kv = self.decoder.cross_kv(encoded)
-        return self.decoder(tokens, cross_kv, cache=cache, index=index)
+            cross_kv = self.decoder.cross_kv(encoded, layers)
+        return self.decoder(tokens, cross_kv, cache=cache, index=index, layers=layers)
 
     def __call__(self, features: jax.Array, decoder_input_ids: jax.Array) -> jax.Array:
         logits, _ = self.decode(decoder_input_ids, self.encode(features))
