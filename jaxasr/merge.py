@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from jaxasr.host_memory import retain_freed_memory
+
 
 def main(argv=None) -> int:
+    retain_freed_memory()  # before JAX starts its threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("orbax", "jax._src", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

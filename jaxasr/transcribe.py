@@ -19,6 +19,7 @@ from pathlib import Path
 from jaxasr.audio.io import AudioError, load_audio
 from jaxasr.convert.sources import load_checkpoint
 from jaxasr.decoding.transcriber import Transcriber
+from jaxasr.host_memory import retain_freed_memory
 from jaxasr.scoring import error_rates, normalizer
 
 
@@ -64,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    retain_freed_memory()  # before JAX starts its threads
     args = parse_args(argv)
     try:
         entries = read_manifest(args.manifest) if args.manifest else [{"audio": a, "_path": Path(a)} for a in args.audio]

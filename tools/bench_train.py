@@ -65,6 +65,11 @@ def _pin_threads(argv: list[str]) -> int:
 
 N_THREADS = _pin_threads(sys.argv[1:])
 
+from jaxasr.host_memory import retain_freed_memory  # noqa: E402
+
+# For both frameworks alike, as the CLIs do: before any thread allocates.
+RETAINED = retain_freed_memory()
+
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
@@ -285,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     print(f"threads: pinned to {N_THREADS} of {os.cpu_count()} cores (sched_setaffinity); torch intra-op "
-          f"{torch.get_num_threads()}; XLA:CPU pool from the affinity mask"
+          f"{torch.get_num_threads()}; XLA:CPU pool from the affinity mask; freed heap memory retained "
+          f"(jaxasr.host_memory, both sides): {RETAINED}"
           + (f"; XLA_FLAGS={os.environ['XLA_FLAGS']!r}" if os.environ.get("XLA_FLAGS") else ""))
     print(f"matmul peak (2048^2 fp32): jax {peak / 1e9:.1f} GFLOP/s (MFU denominator), "
           f"torch {torch_peak / 1e9:.1f} GFLOP/s")

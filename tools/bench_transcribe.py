@@ -38,6 +38,10 @@ from __future__ import annotations
 
 import os
 
+from jaxasr.host_memory import retain_freed_memory
+
+# For all systems alike, as the CLIs do: before any thread allocates.
+RETAINED = retain_freed_memory()
 N_THREADS = os.cpu_count() or 1
 # Thread pools that read the environment at import: set before numpy/torch/ctranslate2 load.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -482,6 +486,7 @@ def thread_report() -> str:
     parts.append(f"ctranslate2 cpu_threads={N_THREADS} num_workers=1")
     parts.append(f"jax: XLA CPU thread pool default (all {N_THREADS} cores)"
                  + (f", XLA_FLAGS={os.environ['XLA_FLAGS']!r}" if os.environ.get("XLA_FLAGS") else ""))
+    parts.append(f"freed heap memory retained (jaxasr.host_memory, all systems): {RETAINED}")
     return "; ".join(parts)
 
 
