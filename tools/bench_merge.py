@@ -30,7 +30,8 @@ Before timing, one 2-D weight is merged by both sides and the relative Frobenius
 (TSV-M: jaxasr vs torch; TIES: jaxasr vs mergekit), which must be below 1e-4.
 
 Threads: OMP/MKL/OpenBLAS and torch intra-op use the cores this process may run on; XLA:CPU uses
-its default pool (all cores). Each system first runs once (warm-up), then `--repeats` timed runs
+its default pool (all cores). Freed heap memory is retained for all systems (jaxasr.host_memory, as
+the merge CLI does); JAXASR_RETAIN_FREED_MEMORY=0 measures glibc's defaults. Each system first runs once (warm-up), then `--repeats` timed runs
 round-robin over every (method, T, system), so load from other processes on a shared host falls on
 all alike; the best run counts. Ratios (peer seconds / jaxasr seconds) print last.
 """
@@ -39,6 +40,10 @@ from __future__ import annotations
 
 import os
 
+from jaxasr.host_memory import retain_freed_memory
+
+# For every system alike, as the merge CLI does: before any thread allocates.
+RETAINED = retain_freed_memory()
 try:
     N_THREADS = len(os.sched_getaffinity(0))
 except AttributeError:  # not Linux
@@ -265,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
           f"mergekit {importlib.metadata.version('mergekit')}; threads: torch intra-op {torch.get_num_threads()}, "
-          f"OMP/MKL/OPENBLAS {os.environ['OMP_NUM_THREADS']}, XLA:CPU default pool (cores: {N_THREADS})")
+          f"OMP/MKL/OPENBLAS {os.environ['OMP_NUM_THREADS']}, XLA:CPU default pool (cores: {N_THREADS}); "
+          f"freed heap memory retained: {RETAINED}")
     print(f"whisper-{args.preset} shapes, per-layer HF layout: {len(shapes)} of {len(all_shapes)} weights, "
           f"{n_params / 1e6:.1f}M of {n_all / 1e6:.1f}M parameters ({100 * n_params / n_all:.1f}%) per task vector"
           f" (fraction {args.fraction:g}, include {args.include!r}, exclude {args.exclude!r})")
