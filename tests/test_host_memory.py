@@ -1,6 +1,5 @@
 """retain_freed_memory: repeated XLA:CPU calls stop page-faulting their buffers back in."""
 
-import statistics
 import sys
 
 import pytest
@@ -14,10 +13,10 @@ applied = retain_freed_memory() if sys.argv[1] == "on" else False
 import jax, jax.numpy as jnp
 x = jnp.ones((8192, 2048), jnp.float32)  # 64 MiB: above every glibc mmap threshold
 double = jax.jit(lambda a: a * 2.0)
-for _ in range(10):  # warm up: compile; the heap grows while freed outputs are still in flight
+for _ in range(20):  # warm up: compile; the heap grows for a while (freed blocks get split by small ones)
     double(x).block_until_ready()
 faults = []
-for _ in range(7):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     double(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -32,4 +31,5 @@ def test_retained_memory_is_reused_without_page_faults():
     assert on["applied"] and not off["applied"]
     pages = 64 * 2**20 // 4096
     assert min(off["faults"]) > 0.9 * pages  # glibc maps the 64 MiB output afresh at every call
-    assert statistics.median(on["faults"]) < 0.05 * pages, on["faults"]  # reused (an odd call may grow the heap)
+    reused = sum(f < 0.05 * pages for f in on["faults"])
+    assert reused >= len(on["faults"]) // 2, on["faults"]  # reused (an odd call may still grow the heap)
