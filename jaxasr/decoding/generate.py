@@ -45,8 +45,7 @@ def _start(model: Whisper, features, rules: DecodingRules, max_new_tokens: int, 
     layers = model.decoder.decoding_layers()
     cross = model.decoder.cross_kv(features if encoded else model.encode(features), layers)
     if repeat > 1:  # one copy per beam, beams of an utterance adjacent
-        batch_axis = 1 if model.cfg.scan_layers else 0  # stacked [layers, batch, ...] under scan
-        cross = jax.tree.map(lambda a: jnp.repeat(a, repeat, axis=batch_axis), cross)
+        cross = jax.tree.map(lambda a: jnp.repeat(a, repeat, axis=0), cross)
     rows = features.shape[0] * repeat
     cache = KVCache.zeros(model.cfg, rows, len(rules.prompt) + max_new_tokens)
     prompt = jnp.broadcast_to(jnp.asarray(rules.prompt, jnp.int32), (rows, len(rules.prompt)))

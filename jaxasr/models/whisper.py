@@ -120,45 +120,36 @@ class WhisperConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Decoder self-attention cache, head-major [batch, heads, max_len, head_dim] per layer.
+    """Decoder self-attention cache: per layer, head-major [batch, heads, max_len, head_dim] buffers.
 
     Head-major, like the cross-attention keys/values: the per-step attention then reads them
-    without a transpose, which on CPU otherwise costs more than the attention itself. With unrolled
-    layers k and v are tuples of per-layer buffers, each updated in place; with `scan_layers` they
-    are stacked [layers, ...] arrays, as the scan needs. Reading a layer back out of the updated
-    stack copied it: per-layer buffers took a tiny.en decoding step (batch 16, 448-token cache) on
-    the 2-core CPU from 35.6 to 29.9 ms."""
+    without a transpose, which on CPU otherwise costs more than the attention itself. One buffer
+    per layer (decoding always runs the layers unrolled, see `WhisperDecoder.decoding_layers`),
+    each updated in place: reading a layer back out of an updated [layers, ...] stack copied it,
+    and per-layer buffers took a tiny.en decoding step (batch 16, 448-token cache) on the 2-core
+    CPU from 35.6 to 29.9 ms."""
 
-    k: jax.Array | tuple[jax.Array, ...]
-    v: jax.Array | tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: WhisperConfig, batch: int, max_len: int) -> KVCache:
         heads = cfg.decoder_attention_heads
         shape = (batch, heads, max_len, cfg.d_model // heads)
-        if cfg.scan_layers:
-            stacked = (cfg.decoder_layers, *shape)
-            return cls(jnp.zeros(stacked, cfg.dtype), jnp.zeros(stacked, cfg.dtype))
         per_layer_zeros = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.decoder_layers))  # noqa: E731
         return cls(per_layer_zeros(), per_layer_zeros())
 
     def take_rows(self, rows: jax.Array) -> KVCache:
         """The cache of batch rows `rows` (beam search reorders its beams with this)."""
-        axis = 0 if isinstance(self.k, tuple) else 1
-        return jax.tree.map(lambda a: jnp.take(a, rows, axis=axis), self)
+        return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self)
 
-    def update(self, layer, index, k: jax.Array, v: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
+    def update(self, layer: int, index, k: jax.Array, v: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
         """Write k, v [batch, heads, len, head_dim] of `layer` at positions index..; returns the new
         cache and that layer's whole buffers."""
-        if isinstance(self.k, tuple):
-            k_l = jax.lax.dynamic_update_slice(self.k[layer], k.astype(self.k[layer].dtype), (0, 0, index, 0))
-            v_l = jax.lax.dynamic_update_slice(self.v[layer], v.astype(self.v[layer].dtype), (0, 0, index, 0))
-            swap = lambda t, a: t[:layer] + (a,) + t[layer + 1:]  # noqa: E731
-            return KVCache(swap(self.k, k_l), swap(self.v, v_l)), k_l, v_l
-        start = (layer, 0, 0, index, 0)
-        cache = KVCache(jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), start),
-                        jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), start))
-        return cache, cache.k[layer], cache.v[layer]
+        k_l = jax.lax.dynamic_update_slice(self.k[layer], k.astype(self.k[layer].dtype), (0, 0, index, 0))
+        v_l = jax.lax.dynamic_update_slice(self.v[layer], v.astype(self.v[layer].dtype), (0, 0, index, 0))
+        swap = lambda t, a: t[:layer] + (a,) + t[layer + 1:]  # noqa: E731
+        return KVCache(swap(self.k, k_l), swap(self.v, v_l)), k_l, v_l
 
 
 def _attend(q, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None):
@@ -288,8 +279,12 @@ def _run_stack(layers: nnx.Module | list[nnx.Module], n: int, cfg: WhisperConfig
 
     Both paths run the same body (rematerialized when `cfg.remat_policy` asks), so they give the
     same numbers; scan compiles one layer, the loop unrolls them. `layers` may also be the list
-    that `unstack` gives (decoding loops slice the stack once, outside the loop).
+    that `unstack` gives: decoding runs that as a plain loop (no remat: there is no gradient).
     """
+    if isinstance(layers, list):
+        for i, layer in enumerate(layers):
+            carry = body(layer, carry, xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs), i)
+        return carry
     policy = REMAT_POLICIES[cfg.remat_policy]
     if policy is not None:
         body = nnx.remat(body, policy=policy, prevent_cse=not cfg.scan_layers)
@@ -301,7 +296,7 @@ def _run_stack(layers: nnx.Module | list[nnx.Module], n: int, cfg: WhisperConfig
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
         carry, _ = scan(layers, carry, (xs, jnp.arange(n)))
         return carry
-    for i, layer in enumerate(layers if isinstance(layers, list) else unstack(layers, n)):
+    for i, layer in enumerate(unstack(layers, n)):
         x_i = xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs)
         carry = body(layer, carry, x_i, i)
     return carry
@@ -355,11 +350,12 @@ class WhisperDecoder(nnx.Module):
         self.layer_norm = LayerNorm(cfg.d_model, **kw)
         self.cfg = cfg
 
-    def decoding_layers(self) -> nnx.Module | list[DecoderLayer]:
-        """The layers as a loop that runs the decoder once per token should hold them: one module
-        per layer when unrolled (sliced once, before the loop: inside it XLA copied every layer's
-        weights out of the stack at each step), the stack under scan."""
-        return self.layers if self.cfg.scan_layers else unstack(self.layers, self.cfg.decoder_layers)
+    def decoding_layers(self) -> list[DecoderLayer]:
+        """The layers one module each, as token-by-token decoding runs them whatever `scan_layers`
+        says: sliced once, before the token loop (inside it XLA copied every layer's weights out of
+        the stack at each step), and nnx's scan and remat cannot take modules from the jit around
+        the loop (decoding with `scan_layers` failed there); nothing is differentiated anyway."""
+        return unstack(self.layers, self.cfg.decoder_layers)
 
     def cross_kv(self, encoded: jax.Array, layers=None):
         """Cross-attention keys and values, head-major [batch, heads, frames, head_dim]: computed
@@ -371,7 +367,8 @@ class WhisperDecoder(nnx.Module):
             k, v = layer.encoder_attn.kv(enc)
             return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-        layers = self.decoding_layers() if layers is None else layers
+        if layers is None:
+            layers = self.layers if self.cfg.scan_layers else self.decoding_layers()
         if isinstance(layers, list):
             return [project(layer, encoded) for layer in layers]
         return nnx.vmap(project, in_axes=(0, None), out_axes=0)(layers, encoded)
@@ -379,7 +376,8 @@ class WhisperDecoder(nnx.Module):
     def __call__(self, tokens, cross_kv, cache: KVCache | None = None, index=0, layers=None):
         """tokens [batch, len] at positions index.. -> (logits [batch, len, vocab], updated cache).
 
-        `cross_kv`: from `cross_kv`; `layers`: `decoding_layers()` when called in a loop."""
+        `cross_kv`: from `cross_kv`; `layers`: `decoding_layers()` when called in a loop (the default
+        with a cache)."""
         cfg = self.cfg
         positions = index + jnp.arange(tokens.shape[1])
         scale = cfg.d_model**0.5 if cfg.scale_embedding else 1.0
@@ -389,7 +387,8 @@ class WhisperDecoder(nnx.Module):
             x, cache = carry
             return layer(x, kv[0], kv[1], cfg, cache, i, index)
 
-        layers = self.layers if layers is None else layers
+        if layers is None:
+            layers = self.decoding_layers() if cache is not None else self.layers
         x, cache = _run_stack(layers, cfg.decoder_layers, cfg, body, (x, cache), cross_kv)
         x = self.layer_norm(x)
         logits = self.embed_tokens.attend(x)  # Whisper ties the output projection to the embedding
@@ -409,8 +408,6 @@ class Whisper(nnx.Module):
         return self.encoder(features)
 
     def decode(self, tokens, encoded=None, *, cross_kv=None, cache: KVCache | None = None, index=0, layers=None):
-        if layers is None:
-            layers = self.decoder.decoding_layers()
         if cross_kv is None:
             cross_kv = self.decoder.cross_kv(encoded, layers)
         return self.decoder(tokens, cross_kv, cache=cache, index=index, layers=layers)

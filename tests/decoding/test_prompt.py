@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from jaxasr.decoding.generate import greedy_search, max_new_tokens_for
+from jaxasr.decoding.generate import beam_search, greedy_search, max_new_tokens_for
 from jaxasr.decoding.prompt import DecodingRules, decoding_rules, language_ids, special_token_ids
 from jaxasr.models.state import flat_state, load_flat_state
 from jaxasr.models.whisper import Whisper, WhisperConfig
@@ -308,3 +308,18 @@ def test_greedy_suppression_and_end_of_text(tiny_model):
         if len(ends):
             assert (row[ends[0]:] == eot).all()
     assert (out[1:, 0] != eot).all()  # the other rows went on
+
+
+def test_scanned_layers_decode_like_unrolled_ones(tiny_model):
+    """A model configured for scanned, rematerialized layers decodes (greedy and beam search, whose
+    loops run the layers unrolled) to the unrolled model's tokens; nnx.scan inside the token loop
+    used to fail on modules from the enclosing jit."""
+    model, features = tiny_model
+    scanned = nnx.eval_shape(lambda: Whisper(dataclasses.replace(TINY, scan_layers=True, remat_policy="full"), rngs=nnx.Rngs(0)))
+    load_flat_state(scanned, flat_state(model))
+    rules = DecodingRules(prompt=(45, 46), eot=47, suppress_tokens=(), begin_suppress_tokens=(), max_length=16)
+    x = jnp.asarray(features)
+    for search in (lambda m: greedy_search(m, x, rules, MAX_NEW), lambda m: beam_search(m, x, rules, MAX_NEW, 3)):
+        unrolled = np.asarray(search(model))
+        np.testing.assert_array_equal(np.asarray(search(scanned)), unrolled)
+        assert (unrolled != rules.eot).any()  # real tokens were compared
