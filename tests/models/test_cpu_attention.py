@@ -11,11 +11,12 @@ from jaxasr.models import cpu_attention
 
 
 @pytest.mark.parametrize("kernel", [cpu_attention.per_head_attention, cpu_attention.blocked_attention])
-# 800: padded query blocks in both kernels; batch 1 x 3 heads: an odd number of (batch, head) pairs
-@pytest.mark.parametrize("length, batch", [(800, 1), (1500, 2)])
-def test_kernels_match_xla(kernel, length, batch):
-    rng = np.random.default_rng(length)
-    q, k, v = (jnp.asarray(rng.standard_normal((batch, length, 3, 16), dtype=np.float32)) for _ in range(3))
+# 800: a short last query block (padded in blocked_attention); 3 heads: one head per step in
+# per_head_attention, 4 heads: two per step
+@pytest.mark.parametrize("length, batch, heads", [(800, 1, 3), (1500, 2, 3), (800, 2, 4)])
+def test_kernels_match_xla(kernel, length, batch, heads):
+    rng = np.random.default_rng(length + heads)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, 16), dtype=np.float32)) for _ in range(3))
     scale = 16 ** -0.5
     reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")  # noqa: E731
     ours = lambda q, k, v: kernel(q, k, v, scale)  # noqa: E731
