@@ -28,6 +28,8 @@ rows (Grain mp_prefetch, 1 and 2 processes, read_threads=1 each) run afterwards 
 a warm-up that also drains their buffers, `--worker-batches` batches are timed, overall examples/s.
 `--profile` adds cProfile of the in-process jaxasr iterator and a per-step time breakdown.
 The ratio (jaxasr without multi-scale over the faster transformers row, per core) prints last.
+Freed heap memory is retained in this process for both sides (`jaxasr.host_memory`, as the train
+CLI does; the pipeline's Grain workers do it themselves).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ import os
 # One thread per pool: the per-core figures must not borrow other cores. Set before numpy loads.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
+
+from jaxasr.host_memory import retain_freed_memory  # noqa: E402
+
+# For both sides alike, as the train CLI (and each Grain worker of the pipeline) does: before any
+# thread allocates. JAXASR_RETAIN_FREED_MEMORY=0 measures glibc's defaults.
+RETAINED = retain_freed_memory()
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
@@ -352,7 +360,8 @@ def main() -> None:
           f"FLAC ArrayRecord; batch {args.batch_size}, {n_batches * args.batch_size} examples per pass, "
           f"best of {args.repeats} interleaved; transformers {transformers.__version__}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} thread), tokenizer {type(tokenizer).__name__}; "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; freed heap memory retained "
+          f"(jaxasr.host_memory, both sides): {RETAINED}")
     print("augmentation (jaxasr rows): speed 0.9/1.0/1.1, noise p=0.5, gain p=0.5, SpecAugment; "
           "the transformers rows do none")
     print(f"{'row':28s} {'ex/s/core':>10s} {'ex/s wall':>10s} {'(median)':>9s} {'ms/ex/core':>11s}")

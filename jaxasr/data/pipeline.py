@@ -27,6 +27,7 @@ from jaxasr.data import sources as S
 from jaxasr.data import transforms as T
 from jaxasr.data.mixing import batch_plan, exact_counts
 from jaxasr.data.text import WhisperTargets
+from jaxasr.host_memory import retain_freed_memory
 
 Example = dict[str, Any]
 KINDS = ("audio", "text", "encoded")
@@ -302,8 +303,17 @@ def build_train_iter(data_cfg: Mapping[str, Any], targets: WhisperTargets, *, n_
     workers = int(data_cfg.get("num_workers", 0) or 0)
     if workers > 0:
         _absl_flags_parsed()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                                      worker_init_fn=_init_worker)
     return batches
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """First thing in each Grain worker: Grain spawns them (no fork), so the parent's malloc
+    settings are not inherited, and a worker's per-example arrays (decoded audio, noise, spectra:
+    hundreds of KB each, above glibc's mmap threshold) would page-fault in afresh every time."""
+    del worker_index, worker_count
+    retain_freed_memory()
 
 
 def _absl_flags_parsed() -> None:
