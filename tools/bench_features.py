@@ -7,21 +7,26 @@ interleaved, `repeats` times each; the best run counts, since on a shared host n
 ever adds time. JAX is timed on padded batches already built on the host, after a warm-up
 call that compiles it. Ratios are per-clip speedups over the faster of HF's two modes.
 On a small shared host, `taskset -c 0` gives steadier single-core numbers (torch then
-uses one thread too).
+uses one thread too). Freed heap memory is retained for all methods (`jaxasr.host_memory`, as the
+CLIs do); JAXASR_RETAIN_FREED_MEMORY=0 measures glibc's defaults.
 """
 
-import argparse
-import os
-import time
-from collections.abc import Callable
+from jaxasr.host_memory import retain_freed_memory
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from transformers import WhisperFeatureExtractor
+RETAINED = retain_freed_memory()  # before numpy, torch and XLA start their threads
 
-from jaxasr.audio.features import (
+import argparse  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import WhisperFeatureExtractor  # noqa: E402
+
+from jaxasr.audio.features import (  # noqa: E402
     SAMPLE_RATE,
     log_mel_jax,
     log_mel_numpy,
@@ -75,7 +80,7 @@ def main() -> None:
         f"\n{args.clips} clips of {args.min_seconds:g}-{args.max_seconds:g} s, "
         f"n_mels={args.n_mels}, best of {args.repeats}, jax on {jax.devices()[0].platform} "
         f"in batches of {args.jax_batch}, torch threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"load average {os.getloadavg()[0]:.1f}, freed heap memory retained: {RETAINED}"
     )
     rate = {name: args.clips / min(t) for name, t in times.items()}
     for name, t in times.items():
