@@ -31,9 +31,10 @@ Before timing, one 2-D weight is merged by both sides and the relative Frobenius
 
 Threads: OMP/MKL/OpenBLAS and torch intra-op use the cores this process may run on; XLA:CPU uses
 its default pool (all cores). Freed heap memory is retained for all systems (jaxasr.host_memory, as
-the merge CLI does); JAXASR_RETAIN_FREED_MEMORY=0 measures glibc's defaults. Each system first runs once (warm-up), then `--repeats` timed runs
-round-robin over every (method, T, system), so load from other processes on a shared host falls on
-all alike; the best run counts. Ratios (peer seconds / jaxasr seconds) print last.
+the merge CLI does); JAXASR_RETAIN_FREED_MEMORY=0 measures glibc's defaults. Each system first runs
+once (warm-up), then `--repeats` timed runs round-robin over every (method, T, system), so load from
+other processes on a shared host falls on all alike; the best run counts. Ratios (peer seconds /
+jaxasr seconds) print last.
 """
 
 from __future__ import annotations

@@ -282,9 +282,7 @@ def _run_stack(layers: nnx.Module | list[nnx.Module], n: int, cfg: WhisperConfig
     that `unstack` gives: decoding runs that as a plain loop (no remat: there is no gradient).
     """
     if isinstance(layers, list):
-        for i, layer in enumerate(layers):
-            carry = body(layer, carry, xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs), i)
-        return carry
+        return _loop(layers, body, carry, xs)
     policy = REMAT_POLICIES[cfg.remat_policy]
     if policy is not None:
         body = nnx.remat(body, policy=policy, prevent_cse=not cfg.scan_layers)
@@ -296,9 +294,13 @@ def _run_stack(layers: nnx.Module | list[nnx.Module], n: int, cfg: WhisperConfig
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
         carry, _ = scan(layers, carry, (xs, jnp.arange(n)))
         return carry
-    for i, layer in enumerate(unstack(layers, n)):
-        x_i = xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs)
-        carry = body(layer, carry, x_i, i)
+    return _loop(unstack(layers, n), body, carry, xs)
+
+
+def _loop(layers: list[nnx.Module], body, carry, xs):
+    """The unrolled layer loop; `xs` per layer: a list, or a tree of [layers, ...] arrays."""
+    for i, layer in enumerate(layers):
+        carry = body(layer, carry, xs[i] if isinstance(xs, list) else jax.tree.map(lambda a: a[i], xs), i)
     return carry
 
 
