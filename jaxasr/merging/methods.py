@@ -15,6 +15,7 @@ Methods other than TSV-M, BoostedTSV-M, Iso-C, Iso-CTS (`subspace.py`) and PCB f
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import numpy as np
 
 from jaxasr.merging import subspace
 from jaxasr.merging.task_vectors import Tree, apply_delta, check_same_structure, shape_groups, task_vectors
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GROUP_BYTES = 1 << 30
 
@@ -313,14 +316,15 @@ class Method:
     random: bool = False  # needs a PRNG key
     uses_base: bool = False  # looks at the base weights, not only the task vectors
     per_task: tuple[str, ...] = ()  # parameters given one value per task
+    decomposes: bool = False  # SVD/eigh per weight: LAPACK kernels on a CPU
 
 
 def _gta(**fixed):
     return functools.partial(generalized_task_arithmetic, **fixed)
 
 
-def _svd(fn):
-    return lambda tvs, base, key, **kw: fn(tvs, **kw)
+def _subspace(fn, defaults):
+    return Method(lambda tvs, base, key, **kw: fn(tvs, **kw), defaults, decomposes=True)
 
 
 METHODS: dict[str, Method] = {
@@ -347,10 +351,10 @@ METHODS: dict[str, Method] = {
     "multislerp": Method(multislerp, {"weights": None, "normalize_weights": True, "eps": 1e-8},
                          per_task=("weights",)),
     "pcb": Method(pcb, {"ratio": 0.1, "clamp_ratio": 1e-4}),
-    "tsv_m": Method(_svd(subspace.tsv_m), {}),
-    "boosted_tsv_m": Method(_svd(subspace.boosted_tsv_m), {"beta": 0.3, "steps": 5}),
-    "iso_c": Method(_svd(subspace.iso_c), {}),
-    "iso_cts": Method(_svd(subspace.iso_cts), {"common_space_fraction": 0.8}),
+    "tsv_m": _subspace(subspace.tsv_m, {}),
+    "boosted_tsv_m": _subspace(subspace.boosted_tsv_m, {"beta": 0.3, "steps": 5}),
+    "iso_c": _subspace(subspace.iso_c, {}),
+    "iso_cts": _subspace(subspace.iso_cts, {"common_space_fraction": 0.8}),
 }
 
 
@@ -406,7 +410,8 @@ def merge_deltas(method: str, task_vectors: Sequence[Tree], *, base: Tree | None
     random ones (dare_*), each weight drawing from `fold_in(key, leaf index)` so results do not
     depend on grouping. Leaves of equal shape are merged together by one jitted vmapped call per
     group of at most `max_group_bytes` of stacked float32 input; with a `mesh`, each group is split
-    over all its devices along the stack axis. Returns numpy arrays in each leaf's dtype (on the
+    over all its devices along the stack axis (CPU devices excepted for the SVD-based methods, which
+    would hang jaxlib's LAPACK kernels there). Returns numpy arrays in each leaf's dtype (on the
     host, so device memory holds one group at a time).
     """
     tvs = list(task_vectors)
@@ -424,6 +429,13 @@ def merge_deltas(method: str, task_vectors: Sequence[Tree], *, base: Tree | None
     shapes = [np.shape(x) for x in per_task[0]]
     dtypes = [np.asarray(x).dtype for x in per_task[0]]
     cost = [(len(tvs) + (base is not None)) * 4 * math.prod(s) for s in shapes]
+    if mesh is not None and METHODS[method].decomposes and all(d.platform == "cpu" for d in mesh.devices.flat):
+        # jaxlib's CPU SVD/eigh spread a batch of matrices over the intra-op thread pool that all
+        # CPU devices share; run from several devices at once, every pool thread can end up
+        # waiting on batch work that no thread is left to run: a hang (jaxlib 0.10.2, >= 128x128).
+        # CPU devices add no cores, so these methods run on one.
+        log.info("%s on CPU: merging on one device, not over the %d-device mesh", method, mesh.size)
+        mesh = None
     sharding = _stack_sharding(mesh)
     # task weights are traced, not compiled in: trying other weights (a grid, one-hot) reuses the
     # compiled merge; everything else (densities, ranks) fixes shapes or branches, so is static
