@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.out = ""  # output directory: alpha_grid.tsv/.json, jaxasr/, hf/
     c.hf_dtype = "float32"  # dtype of the Hugging Face export (float32 or float16)
     c.max_group_bytes = DEFAULT_MAX_GROUP_BYTES  # merge memory: stacked input per jitted call
+    # this process's devices, as training's mesh (one size may be -1); each group of weights is
+    # split over all of them (whole weights per device: no SVD is split)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.seed = 0  # PRNG seed of the random methods (dare_*)
     return c
 
@@ -113,6 +116,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"one alpha, not {alphas}")
     if not config.out:
         raise ConfigError("config.out: no output directory given")
+    merge_mesh(config)
+
+
+def merge_mesh(config: ml_collections.ConfigDict):
+    """The mesh of `config.mesh` over this process's devices (None with one device): merging
+    pulls every group back to the host, so it stays within the process."""
+    import jax
+
+    from jaxasr.parallel.mesh import make_mesh
+
+    try:
+        mesh = make_mesh(dict(config.mesh), jax.local_devices())
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    return mesh if mesh.size > 1 else None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -210,7 +228,7 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
     params = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(config.params).items()}
     key = jax.random.key(config.seed) if METHODS[config.method].random else None
     delta = merge_deltas(config.method, task_vectors(experts, base_hf), base=base_hf, key=key,
-                         max_group_bytes=int(config.max_group_bytes), **params)
+                         max_group_bytes=int(config.max_group_bytes), mesh=merge_mesh(config), **params)
     del experts
     merge_seconds = time.perf_counter() - t0
     log.info("%s merge of %d task vectors in %.1f s", config.method, len(names), merge_seconds)

@@ -221,6 +221,10 @@ def test_clear_errors(models, tmp_path, cached_loads):
         run_merge(_config(models, tmp_path, method="tsvm"))
     with pytest.raises(ConfigError, match=r"ties takes .*not \['densty'\]"):
         run_merge(_config(models, tmp_path, method="ties", params={"densty": 0.2}))
+    with pytest.raises(ConfigError, match=r"config.mesh: mesh shape .* needs 7 devices, there are"):
+        config = _config(models, tmp_path, alphas=(1.0,))
+        config.mesh.data = 7
+        run_merge(config)
     config = _config(models, tmp_path, alphas=(1.0,))
     config.experts = {"a": str(models["a"]), "bad": str(models["bad"])}
     with pytest.raises(ValueError, match=r"expert 'bad' does not have the base's architecture: decoder/.*fc1.* shape"):
