@@ -121,16 +121,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def merge_mesh(config: ml_collections.ConfigDict):
     """The mesh of `config.mesh` over this process's devices (None with one device): merging
-    pulls every group back to the host, so it stays within the process."""
+    pulls every group back to the host, so it stays within the process. Devices in plain order:
+    each merges whole weights on its own, so no link carries more than its inputs and outputs."""
     import jax
+    from jax.sharding import Mesh
 
-    from jaxasr.parallel.mesh import make_mesh
+    from jaxasr.parallel.mesh import MESH_AXES, mesh_sizes
 
+    devices = jax.local_devices()
     try:
-        mesh = make_mesh(dict(config.mesh), jax.local_devices())
+        sizes = mesh_sizes(dict(config.mesh), len(devices))
     except (KeyError, ValueError) as e:
         raise ConfigError(f"config.mesh: {e}") from None
-    return mesh if mesh.size > 1 else None
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES) if len(devices) > 1 else None
 
 
 # --------------------------------------------------------------------------- checkpoints

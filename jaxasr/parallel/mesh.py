@@ -53,22 +53,28 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
 log = logging.getLogger(__name__)
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor); one size may be -1 (all remaining devices)."""
+def mesh_sizes(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> list[int]:
+    """The (data, fsdp, tensor) sizes of `shape` over `num_devices` devices, a -1 resolved."""
     sizes = [int(shape[a]) for a in MESH_AXES] if isinstance(shape, Mapping) else [int(s) for s in shape]
     if len(sizes) != len(MESH_AXES):
         raise ValueError(f"mesh shape {sizes} must give sizes for {MESH_AXES}")
-    devices = list(devices if devices is not None else jax.devices())
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: at most one size may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"there are {len(devices)}")
+                         f"there are {num_devices}")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor); one size may be -1 (all remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_sizes(shape, len(devices))
     # create_device_mesh orders devices so that the fastest links carry the innermost axis (tensor).
     device_array = mesh_utils.create_device_mesh(sizes, devices=devices)
     return Mesh(device_array, MESH_AXES)
