@@ -116,24 +116,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"one alpha, not {alphas}")
     if not config.out:
         raise ConfigError("config.out: no output directory given")
-    merge_mesh(config)
 
 
 def merge_mesh(config: ml_collections.ConfigDict):
     """The mesh of `config.mesh` over this process's devices (None with one device): merging
-    pulls every group back to the host, so it stays within the process. Devices in plain order:
-    each merges whole weights on its own, so no link carries more than its inputs and outputs."""
+    pulls every group back to the host, so it stays within the process."""
     import jax
-    from jax.sharding import Mesh
 
-    from jaxasr.parallel.mesh import MESH_AXES, mesh_sizes
+    from jaxasr.parallel.mesh import make_mesh
 
-    devices = jax.local_devices()
     try:
-        sizes = mesh_sizes(dict(config.mesh), len(devices))
+        mesh = make_mesh(dict(config.mesh), jax.local_devices())
     except (KeyError, ValueError) as e:
         raise ConfigError(f"config.mesh: {e}") from None
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES) if len(devices) > 1 else None
+    return mesh if mesh.size > 1 else None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -210,6 +206,7 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
     from jaxasr.training.evaluation import Evaluator, make_eval_set
 
     check_config(config)
+    mesh = merge_mesh(config)  # before any checkpoint is read: a bad mesh fails fast too
     out = Path(config.out).expanduser()
     t0 = time.perf_counter()
     base = load_any(config.base)
@@ -231,7 +228,7 @@ def run_merge(config: ml_collections.ConfigDict) -> dict[str, Any]:
     params = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(config.params).items()}
     key = jax.random.key(config.seed) if METHODS[config.method].random else None
     delta = merge_deltas(config.method, task_vectors(experts, base_hf), base=base_hf, key=key,
-                         max_group_bytes=int(config.max_group_bytes), mesh=merge_mesh(config), **params)
+                         max_group_bytes=int(config.max_group_bytes), mesh=mesh, **params)
     del experts
     merge_seconds = time.perf_counter() - t0
     log.info("%s merge of %d task vectors in %.1f s", config.method, len(names), merge_seconds)
@@ -289,9 +286,7 @@ def main(argv: Sequence[str]) -> int:
     import sys
 
     try:
-        config = parse_args(argv)
-        check_config(config)
-        summary = run_merge(config)
+        summary = run_merge(parse_args(argv))  # checks the config before reading checkpoints
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
