@@ -18,12 +18,17 @@ to stay in cache and give the same numbers (fp32 accumulation):
   the single-device kernel.
 - `blocked_attention`: a block of queries at a time for all (batch, head) pairs; the loop runs
   over an unsharded axis, so it partitions like the plain attention on a device mesh.
+- `native_attention`: `per_head_attention`'s backward with the forward of the native kernel
+  (`jaxasr.kernels.cpu`: OpenBLAS matmuls around an in-cache softmax, per block of queries),
+  for float32 on one CPU device.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxasr.kernels import cpu as cpu_kernels
 
 QUERY_BLOCK = 150  # blocked_attention: queries per block
 HEAD_QUERY_BLOCK = 750  # per_head_attention: queries per block of one head ([750, T] scores; the last may be shorter)
@@ -127,3 +132,22 @@ def _backward(residuals, d_out):
 
 
 _attention_by_head.defvjp(_forward, _backward)
+
+
+def native_attention(q, k, v, scale):
+    """Attention of float32 q, k, v [batch, T, heads, head_dim] with the native CPU kernel (see
+    `jaxasr.kernels.cpu.applies`); its backward is `per_head_attention`'s."""
+    return _native_by_head(q * jnp.float32(scale), k, v)
+
+
+@jax.custom_vjp
+def _native_by_head(q, k, v):
+    return cpu_kernels.attention(q, k, v)[0]
+
+
+def _native_forward(q, k, v):
+    out, lse = cpu_kernels.attention(q, k, v)
+    return out, (q, k, v, out, lse)
+
+
+_native_by_head.defvjp(_native_forward, _backward)

@@ -7,12 +7,15 @@ a model can be built abstractly (`nnx.eval_shape`) and placed on any mesh afterw
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
+
+from jaxasr.kernels import cpu as cpu_kernels
 
 Axes = tuple[str | None, ...]
 
@@ -73,11 +76,15 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel,
-            ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())),
-        )
+        x = x.astype(self.dtype)
+        lead, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
+        rows = math.prod(lead)
+        if rows >= cpu_kernels.MIN_ROWS and cpu_kernels.applies(x, kernel):
+            k = math.prod(kernel.shape[:self.n_in])
+            y = cpu_kernels.matmul(x.reshape(rows, k), kernel.reshape(k, -1)).reshape(lead + out_shape)
+        else:
+            y = jax.lax.dot_general(
+                x, kernel, ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -137,4 +144,8 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        x, table = x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        rows = math.prod(x.shape[:-1])
+        if rows >= cpu_kernels.MIN_ROWS and cpu_kernels.applies(x, table):
+            return cpu_kernels.matmul(x.reshape(rows, -1), table, True).reshape(x.shape[:-1] + table.shape[:1])
+        return jnp.einsum("...d,vd->...v", x, table)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxasr.kernels import cpu as cpu_kernels
 from jaxasr.models import cpu_attention
 from jaxasr.models.layers import Buffer, Conv1d, Dense, Embed, LayerNorm, constrain
 
@@ -168,6 +169,8 @@ def _attend(q, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None):
             return cpu_attention.blocked_attention(q, k, v, scale)
         if impl is None and q.shape[1] >= 2 * cpu_attention.QUERY_BLOCK and jax.default_backend() == "cpu":
             if jax.device_count() == 1:
+                if cpu_kernels.applies(q, k, v):
+                    return cpu_attention.native_attention(q, k, v, scale)
                 return cpu_attention.per_head_attention(q, k, v, scale)
             return cpu_attention.blocked_attention(q, k, v, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,

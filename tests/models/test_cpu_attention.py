@@ -7,14 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxasr.kernels import cpu as cpu_kernels
 from jaxasr.models import cpu_attention
 
 
-@pytest.mark.parametrize("kernel", [cpu_attention.per_head_attention, cpu_attention.blocked_attention])
+@pytest.mark.parametrize("kernel", [cpu_attention.per_head_attention, cpu_attention.blocked_attention,
+                                    cpu_attention.native_attention])
 # 800: a short last query block (padded in blocked_attention); 3 heads: one head per step in
-# per_head_attention, 4 heads: two per step
+# per_head_attention, 4 heads: two per step; native_attention: 256 queries a block, 800 = 3 x 256 + 32
 @pytest.mark.parametrize("length, batch, heads", [(800, 1, 3), (1500, 2, 3), (800, 2, 4)])
 def test_kernels_match_xla(kernel, length, batch, heads):
+    if kernel is cpu_attention.native_attention:
+        assert cpu_kernels.available(), "the native CPU kernels did not build here (see the warning)"
     rng = np.random.default_rng(length + heads)
     q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, 16), dtype=np.float32)) for _ in range(3))
     scale = 16 ** -0.5
@@ -33,3 +37,14 @@ def test_kernels_match_xla(kernel, length, batch, heads):
 def test_per_head_keeps_the_input_dtype():
     q = jnp.ones((1, 400, 2, 8), jnp.bfloat16)
     assert cpu_attention.per_head_attention(q, q, q, 0.5).dtype == jnp.bfloat16
+
+
+def test_native_attention_with_fewer_keys_and_nan():
+    """Keys may outnumber or undercut queries, and a NaN in a query reaches its output row only."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 300, 2, 8), dtype=np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((2, 70, 2, 8), dtype=np.float32)) for _ in range(2))
+    expected = jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
+    np.testing.assert_allclose(cpu_attention.native_attention(q, k, v, 0.3), expected, atol=2e-6)
+    out = np.asarray(cpu_attention.native_attention(q.at[1, 5, 0, 3].set(jnp.nan), k, v, 0.3))
+    assert np.isnan(out[1, 5, 0]).all() and not np.isnan(np.delete(out[1], 5, axis=0)).any()

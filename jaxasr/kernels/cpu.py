@@ -1,0 +1,157 @@
+"""Native float32 kernels for XLA:CPU through `jax.ffi`: OpenBLAS matmuls and an attention forward.
+
+Why: on this project's CPU, XLA:CPU's fp32 matmuls run at about half the speed of OpenBLAS's
+sgemm on the models' shapes (tools/bench_transcribe.py, tools/bench_train.py), and XLA cannot
+fuse attention's two matmuls with the softmax between them. `cpu_kernels.cc` is compiled on first
+use with the system C++ compiler against jaxlib's FFI headers and scipy-openblas32 (a PyPI
+OpenBLAS made to be built against), for this machine's CPU, and cached. The models call the
+kernels only where they apply (`applies`): float32, the CPU backend, a single device (they carry
+no sharding rule). Anywhere else, or when the build fails (a warning says why), XLA's own ops run.
+`JAXASR_CPU_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
+MIN_ROWS = 128  # smaller matmuls (decoding steps) stay with XLA, which needs no call overhead
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("JAXASR_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxasr", "kernels")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and instruction-set flags: a library built with -march=native is only
+    valid on CPUs that have them, so they are part of the cache key."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    keep = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _build(compiler: str) -> Path:
+    import scipy_openblas32 as openblas
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([
+        SOURCE.read_text(), " ".join(FLAGS), version, metadata.version("jaxlib"),
+        metadata.version("scipy-openblas32"), _cpu_signature(),
+    ]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+        pass
+    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}", str(SOURCE),
+           "-o", tmp.name, f"-L{openblas.get_lib_dir()}", f"-l{openblas.get_library()}",
+           f"-Wl,-rpath,{openblas.get_lib_dir()}"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
+        os.replace(tmp.name, out)  # atomic: concurrent builders (test workers) never see half a file
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Build (once per machine, then cached) and register the kernels; False, with a warning
+    saying why, when that is not possible here."""
+    if os.environ.get("JAXASR_CPU_KERNELS", "1") == "0":
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        log.warning("jaxasr CPU kernels: no C++ compiler found (set CXX); using XLA's ops")
+        return False
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except Exception as e:  # noqa: BLE001: any build or load failure means "use XLA's ops"
+        log.warning("jaxasr CPU kernels could not be built, using XLA's ops: %s", e)
+        return False
+    lib.JaxasrSingleThreadedBlas()
+    jax.ffi.register_ffi_target("jaxasr_matmul", jax.ffi.pycapsule(lib.JaxasrMatmul), platform="cpu")
+    jax.ffi.register_ffi_target("jaxasr_attention", jax.ffi.pycapsule(lib.JaxasrAttention), platform="cpu")
+    return True
+
+
+def applies(*arrays) -> bool:
+    """Whether the native kernels can take these operands: float32 on a lone CPU device."""
+    return (all(x.dtype == jnp.float32 for x in arrays) and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and available())
+
+
+def _require():
+    if not available():
+        raise RuntimeError("jaxasr's native CPU kernels are not available here (see the warning above, "
+                           "or JAXASR_CPU_KERNELS=0); check `applies` before calling them")
+
+
+def _sgemm(a, b, trans_a=False, trans_b=False):
+    _require()
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    call = jax.ffi.ffi_call("jaxasr_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")
+    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(a, b, trans_b=False):
+    """a [M, K] @ b [K, N] (b [N, K] with trans_b) in float32, differentiable."""
+    return _sgemm(a, b, trans_b=trans_b)
+
+
+def _matmul_fwd(a, b, trans_b):
+    return _sgemm(a, b, trans_b=trans_b), (a, b)
+
+
+def _matmul_bwd(trans_b, residuals, g):
+    a, b = residuals
+    da = _sgemm(g, b, trans_b=not trans_b)
+    db = _sgemm(g, a, trans_a=True) if trans_b else _sgemm(a, g, trans_a=True)
+    return da, db
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def attention(q, k, v):
+    """softmax(q k^T) v per head for float32 q (pre-scaled) [B, T, H, D] and k, v [B, S, H, D]:
+    the output and each query's log-sum-exp [B, T, H]."""
+    _require()
+    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
+    return jax.ffi.ffi_call("jaxasr_attention", shapes, vmap_method="sequential")(q, k, v)
+
+
+if __name__ == "__main__":  # `python -m jaxasr.kernels.cpu`: build now and say where
+    logging.basicConfig()
+    print("built:", available(), "cache:", cache_dir())
+    x = np.random.default_rng(0).standard_normal((256, 64), np.float32)
+    if available():
+        print("max |matmul - numpy|:", float(np.abs(np.asarray(matmul(x, x.T)) - x @ x.T).max()))

@@ -1,0 +1,140 @@
+// Native kernels for XLA:CPU, called through jax.ffi (see cpu.py, which builds and registers them).
+//
+// - jaxasr_matmul: C = op(A) op(B) in float32 with OpenBLAS's sgemm, rows of C split over XLA's
+//   intra-op thread pool (OpenBLAS itself runs single-threaded, so the two pools never compete).
+// - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
+//   so the scores stay in cache; also returns the log-sum-exp of each row for the backward.
+//
+// Work is shared as a loop over an atomic counter: the calling thread takes items too and only
+// ever waits for items another thread has already started, so it cannot deadlock when the pool
+// is busy or the caller is itself a pool thread.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "cblas.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
+  struct Work {
+    std::atomic<int64_t> next{0}, done{0};
+    std::function<void(int64_t)> fn;
+    int64_t n = 0;
+  };
+  auto work = std::make_shared<Work>();
+  work->fn = std::move(fn);
+  work->n = n;
+  auto run = [work]() {
+    for (int64_t i; (i = work->next.fetch_add(1)) < work->n;) {
+      work->fn(i);
+      work->done.fetch_add(1);
+    }
+  };
+  // The caller is one of the workers: threads - 1 helpers keep one worker per core.
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = run;
+    pool.Schedule(std::move(task));
+  }
+  run();
+  while (work->done.load() < n) std::this_thread::yield();
+}
+
+CBLAS_TRANSPOSE Op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                  ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+  auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("jaxasr_matmul: 2-D operands only");
+  const int64_t m = trans_a ? ad[1] : ad[0], k = trans_a ? ad[0] : ad[1], n = trans_b ? bd[0] : bd[1];
+  if ((trans_b ? bd[1] : bd[0]) != k) return ffi::Error::InvalidArgument("jaxasr_matmul: contraction sizes differ");
+  // Row blocks: about four per thread for balance, at least 64 rows so each sgemm stays efficient.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rows = std::max<int64_t>(64, (m + 4 * threads - 1) / (4 * threads));
+  const float *ap = a.typed_data(), *bp = b.typed_data();
+  float* cp = c->typed_data();
+  const int64_t lda = ad[1], ldb = bd[1];
+  ParallelFor(pool, (m + rows - 1) / rows, [=](int64_t i) {
+    const int64_t m0 = i * rows, mi = std::min(rows, m - m0);
+    const float* ai = trans_a ? ap + m0 : ap + m0 * lda;
+    scipy_cblas_sgemm(CblasRowMajor, Op(trans_a), Op(trans_b), mi, n, k, 1.0f, ai, lda, bp, ldb, 0.0f,
+                      cp + m0 * n, n);
+  });
+  return ffi::Error::Success();
+}
+
+constexpr int64_t kQueryBlock = 256;  // [256, T] scores: 1.5 MB at T = 1500, within a core's L2
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("jaxasr_attention: [B, T, H, D] operands");
+  const int64_t batch = qd[0], length = qd[1], heads = qd[2], dim = qd[3], keys = kd[1];
+  const int64_t blocks = (length + kQueryBlock - 1) / kQueryBlock, ld = heads * dim;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  ParallelFor(pool, batch * heads * blocks, [=](int64_t i) {
+    thread_local std::vector<float> scores;
+    scores.resize(kQueryBlock * keys);
+    const int64_t blk = i % blocks, bh = i / blocks, b = bh / heads, h = bh % heads;
+    const int64_t t0 = blk * kQueryBlock, rows = std::min(kQueryBlock, length - t0);
+    float* s = scores.data();
+    const float* qb = qp + (b * length + t0) * ld + h * dim;
+    const float* kb = kp + b * keys * ld + h * dim;
+    const float* vb = vp + b * keys * ld + h * dim;
+    float* ob = op + (b * length + t0) * ld + h * dim;
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, dim, 1.0f, qb, ld, kb, ld, 0.0f, s, keys);
+    float inv[kQueryBlock];
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * keys;
+      float m = row[0];
+      for (int64_t j = 1; j < keys; ++j) m = std::max(m, row[j]);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < keys; ++j) {
+        const float e = expf(row[j] - m);
+        row[j] = e;
+        sum += e;
+      }
+      inv[r] = 1.0f / sum;
+      lp[(b * length + t0 + r) * heads + h] = m + logf(sum);
+    }
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dim, keys, 1.0f, s, keys, vb, ld, 0.0f, ob, ld);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < dim; ++c) ob[r * ld + c] *= inv[r];
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// OpenBLAS's own threads would compete with XLA's pool, which the kernels above already use.
+extern "C" void JaxasrSingleThreadedBlas() { scipy_openblas_set_num_threads(1); }
