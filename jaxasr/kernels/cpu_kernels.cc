@@ -1,7 +1,7 @@
 // Native kernels for XLA:CPU, called through jax.ffi (see cpu.py, which builds and registers them).
 //
-// - jaxasr_matmul: C = op(A) op(B) in float32 with OpenBLAS's sgemm, rows of C split over XLA's
-//   intra-op thread pool (OpenBLAS itself runs single-threaded, so the two pools never compete).
+// - jaxasr_matmul: C = A B in float32 with OpenBLAS's sgemm, blocks of C split over XLA's intra-op
+//   thread pool (OpenBLAS itself runs single-threaded, so the two pools never compete).
 // - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
 //   so the scores stay in cache; also returns the log-sum-exp of each row for the backward.
 //
@@ -51,25 +51,31 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
   while (work->done.load() < n) std::this_thread::yield();
 }
 
-CBLAS_TRANSPOSE Op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
-
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                  ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+                  ffi::ResultBuffer<ffi::F32> c) {
   auto ad = a.dimensions(), bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("jaxasr_matmul: 2-D operands only");
-  const int64_t m = trans_a ? ad[1] : ad[0], k = trans_a ? ad[0] : ad[1], n = trans_b ? bd[0] : bd[1];
-  if ((trans_b ? bd[1] : bd[0]) != k) return ffi::Error::InvalidArgument("jaxasr_matmul: contraction sizes differ");
-  // Row blocks: about four per thread for balance, at least 64 rows so each sgemm stays efficient.
+  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0])
+    return ffi::Error::InvalidArgument("jaxasr_matmul: operands [M, K] and [K, N]");
+  const int64_t m = ad[0], k = ad[1], n = bd[1];
+  // Blocks of rows of C, or of columns when C is wider than tall: each block's sgemm packs its
+  // own slice of one operand and all of the other, so the smaller one is the one packed again
+  // per block. About four blocks per thread for balance, at least 64 rows or columns each so
+  // every sgemm stays efficient.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t rows = std::max<int64_t>(64, (m + 4 * threads - 1) / (4 * threads));
+  const bool by_rows = m >= n;
+  const int64_t extent = by_rows ? m : n;
+  const int64_t size = std::max<int64_t>(64, (extent + 4 * threads - 1) / (4 * threads));
   const float *ap = a.typed_data(), *bp = b.typed_data();
   float* cp = c->typed_data();
-  const int64_t lda = ad[1], ldb = bd[1];
-  ParallelFor(pool, (m + rows - 1) / rows, [=](int64_t i) {
-    const int64_t m0 = i * rows, mi = std::min(rows, m - m0);
-    const float* ai = trans_a ? ap + m0 : ap + m0 * lda;
-    scipy_cblas_sgemm(CblasRowMajor, Op(trans_a), Op(trans_b), mi, n, k, 1.0f, ai, lda, bp, ldb, 0.0f,
-                      cp + m0 * n, n);
+  ParallelFor(pool, (extent + size - 1) / size, [=](int64_t i) {
+    const int64_t start = i * size, len = std::min(size, extent - start);
+    if (by_rows) {
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, len, n, k, 1.0f, ap + start * k, k, bp, n,
+                        0.0f, cp + start * n, n);
+    } else {
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, len, k, 1.0f, ap, k, bp + start, n, 0.0f,
+                        cp + start, n);
+    }
   });
   return ffi::Error::Success();
 }
@@ -123,9 +129,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmul, Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttention, Attention,
                               ffi::Ffi::Bind()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd
 
@@ -77,17 +78,44 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        lead, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
-        rows = math.prod(lead)
-        if rows >= cpu_kernels.MIN_ROWS and cpu_kernels.applies(x, kernel):
-            k = math.prod(kernel.shape[:self.n_in])
-            y = cpu_kernels.matmul(x.reshape(rows, k), kernel.reshape(k, -1)).reshape(lead + out_shape)
+        if _native(x, kernel, self.n_in):
+            y = _native_matmul(x, [kernel], self.n_in)[0]
         else:
             y = jax.lax.dot_general(
                 x, kernel, ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        return self._add_bias(y)
+
+    def _add_bias(self, y: jax.Array) -> jax.Array:
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def _native(x: jax.Array, kernel: jax.Array, n_in: int) -> bool:
+    """Whether x @ kernel goes to the native CPU matmul: only encoder-sized ones (see MIN_ROWS)."""
+    return math.prod(x.shape[:x.ndim - n_in]) >= cpu_kernels.MIN_ROWS and cpu_kernels.applies(x, kernel)
+
+
+def _native_matmul(x: jax.Array, kernels: list[jax.Array], n_in: int) -> list[jax.Array]:
+    """x times each kernel, as one native matmul over the kernels side by side."""
+    lead, k = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    flat = [w.reshape(k, -1) for w in kernels]
+    y = cpu_kernels.matmul(x.reshape(-1, k), flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1))
+    parts = jnp.split(y, np.cumsum([w.shape[1] for w in flat])[:-1], axis=1) if len(flat) > 1 else [y]
+    return [part.reshape(lead + w.shape[n_in:]) for part, w in zip(parts, kernels)]
+
+
+def dense_together(layers: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
+    """The outputs of several Dense layers on the same x. On the native CPU path, when all are
+    plain `Dense` (a LoRA-wrapped one adds its own term), as one matmul over their kernels side
+    by side: whisper's [24000, 384] x [384, 384] projections ran at 100-130 GFLOP/s, a wider
+    [384, 1536] kernel at 200-230. Elsewhere one call each (on a mesh, concatenating kernels
+    sharded over one axis would move them between devices)."""
+    first = layers[0]
+    kernels = [layer.kernel[...].astype(first.dtype) for layer in layers]
+    x = x.astype(first.dtype)
+    if (len(layers) == 1 or any(type(layer) is not Dense or layer.n_in != first.n_in or layer.dtype != first.dtype
+                                for layer in layers) or not _native(x, kernels[0], first.n_in)):
+        return [layer(x) for layer in layers]
+    return [layer._add_bias(y) for layer, y in zip(layers, _native_matmul(x, kernels, first.n_in))]
 
 
 class LayerNorm(nnx.Module):
@@ -144,8 +172,6 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        x, table = x.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        rows = math.prod(x.shape[:-1])
-        if rows >= cpu_kernels.MIN_ROWS and cpu_kernels.applies(x, table):
-            return cpu_kernels.matmul(x.reshape(rows, -1), table, True).reshape(x.shape[:-1] + table.shape[:1])
-        return jnp.einsum("...d,vd->...v", x, table)
+        # XLA's own matmul even where the native CPU kernels apply: against the transposed table
+        # they were slower (e.g. 143 vs 106 ms for 512 rows of whisper's 51865-word vocabulary).
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))

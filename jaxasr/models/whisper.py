@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxasr.kernels import cpu as cpu_kernels
 from jaxasr.models import cpu_attention
-from jaxasr.models.layers import Buffer, Conv1d, Dense, Embed, LayerNorm, constrain
+from jaxasr.models.layers import Buffer, Conv1d, Dense, Embed, LayerNorm, constrain, dense_together
 
 # --------------------------------------------------------------------------- config
 
@@ -200,11 +200,17 @@ class Attention(nnx.Module):
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [batch, length, heads, head_dim]."""
-        return self.k_proj(x), self.v_proj(x)
+        k, v = dense_together([self.k_proj, self.v_proj], x)
+        return k, v
 
     def __call__(self, x, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None) -> jax.Array:
         out = _attend(self.q_proj(x), k, v, cfg, is_causal=is_causal, mask=mask)
         return self.out_proj(out)
+
+    def self_attend(self, x, cfg: WhisperConfig) -> jax.Array:
+        """Unmasked self-attention over x (the encoder's)."""
+        q, k, v = dense_together([self.q_proj, self.k_proj, self.v_proj], x)
+        return self.out_proj(_attend(q, k, v, cfg))
 
     def attend_head_major(self, x, kh, vh, mask=None) -> jax.Array:
         """Attention over head-major keys/values [batch, heads, T, head_dim] (caches)."""
@@ -233,8 +239,7 @@ class EncoderLayer(nnx.Module):
         self.final_layer_norm = LayerNorm(cfg.d_model, **kw)
 
     def __call__(self, x, cfg: WhisperConfig):
-        h = self.self_attn_layer_norm(x)
-        x = x + self.self_attn(h, *self.self_attn.kv(h), cfg)
+        x = x + self.self_attn.self_attend(self.self_attn_layer_norm(x), cfg)
         x = x + self.mlp(self.final_layer_norm(x))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -374,8 +379,10 @@ class WhisperDecoder(nnx.Module):
 
         if layers is None:
             layers = self.layers if self.cfg.scan_layers else self.decoding_layers()
-        if isinstance(layers, list):
-            return [project(layer, encoded) for layer in layers]
+        if isinstance(layers, list):  # all layers' projections of `encoded` together (one matmul natively)
+            kv = dense_together([p for layer in layers for p in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)],
+                                encoded)
+            return [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in zip(kv[::2], kv[1::2])]
         return nnx.vmap(project, in_axes=(0, None), out_axes=0)(layers, encoded)
 
     def __call__(self, tokens, cross_kv, cache: KVCache | None = None, index=0, layers=None):
