@@ -59,7 +59,7 @@ def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([
         SOURCE.read_text(), " ".join(FLAGS), version, metadata.version("jaxlib"),
-        metadata.version("scipy-openblas32"), _cpu_signature(),
+        openblas.get_lib_dir(), metadata.version("scipy-openblas32"), _cpu_signature(),
     ]).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():

@@ -55,23 +55,32 @@ def test_layers_use_the_kernel_where_it_applies():
                                rtol=1e-5, atol=1e-5)
 
 
-_FALLBACK = """
+_DENSE_LAYER_IN_A_FRESH_PROCESS = """
 import json, logging
 logging.basicConfig()
 import jax.numpy as jnp
 from flax import nnx
 from jaxasr.kernels import cpu
-from jaxasr.models.layers import Dense, dense_together
+from jaxasr.models.layers import Dense
 dense = Dense((8,), (8,), ("embed", "mlp"), rngs=nnx.Rngs(0))
 y = dense(jnp.ones((2, cpu.MIN_ROWS, 8)))
 print(json.dumps({"available": cpu.available(), "finite": bool(jnp.isfinite(y).all())}))
 """
 
 
+def test_builds_from_scratch(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXASR_KERNEL_CACHE", str(tmp_path))  # an empty cache: a fresh machine
+    proc = start_python(["-c", _DENSE_LAYER_IN_A_FRESH_PROCESS])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.splitlines()[-1]) == {"available": True, "finite": True}
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # the library, no leftovers
+
+
 def test_a_failed_build_falls_back_to_xla(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
     monkeypatch.setenv("JAXASR_KERNEL_CACHE", str(tmp_path))
-    proc = start_python(["-c", _FALLBACK])
+    proc = start_python(["-c", _DENSE_LAYER_IN_A_FRESH_PROCESS])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out.splitlines()[-1]) == {"available": False, "finite": True}
