@@ -99,6 +99,8 @@ def available() -> bool:
     lib.JaxasrSingleThreadedBlas()
     jax.ffi.register_ffi_target("jaxasr_matmul", jax.ffi.pycapsule(lib.JaxasrMatmul), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_attention", jax.ffi.pycapsule(lib.JaxasrAttention), platform="cpu")
+    jax.ffi.register_ffi_target("jaxasr_attention_backward", jax.ffi.pycapsule(lib.JaxasrAttentionBackward),
+                                platform="cpu")
     return True
 
 
@@ -144,6 +146,13 @@ def attention(q, k, v):
     _require()
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
     return jax.ffi.ffi_call("jaxasr_attention", shapes, vmap_method="sequential")(q, k, v)
+
+
+def attention_backward(q, k, v, out, lse, d_out):
+    """Gradients (dq, dk, dv) of `attention` from its inputs, output, log-sum-exp and d_out."""
+    _require()
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    return jax.ffi.ffi_call("jaxasr_attention_backward", shapes, vmap_method="sequential")(q, k, v, out, lse, d_out)
 
 
 if __name__ == "__main__":  # `python -m jaxasr.kernels.cpu`: build now and say where

@@ -4,6 +4,7 @@
 //   thread pool (OpenBLAS itself runs single-threaded, so the two pools never compete).
 // - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
 //   so the scores stay in cache; also returns the log-sum-exp of each row for the backward.
+// - jaxasr_attention_backward: its gradients from that log-sum-exp, flash-attention style.
 //
 // Work is shared as a loop over an atomic counter: the calling thread takes items too and only
 // ever waits for items another thread has already started, so it cannot deadlock when the pool
@@ -122,6 +123,56 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// The backward of Attention, flash-attention style: per (batch, head), query blocks in turn,
+// probabilities recomputed from the saved log-sum-exp (no [T, S] residual), dK and dV summed
+// over the blocks in place (so a (batch, head) is one work item).
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                             ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4)
+    return ffi::Error::InvalidArgument("jaxasr_attention_backward: [B, T, H, D] operands");
+  const int64_t batch = qd[0], length = qd[1], heads = qd[2], dim = qd[3], keys = kd[1], ld = heads * dim;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = out.typed_data();
+  const float *lp = lse.typed_data(), *gp = d_out.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  ParallelFor(pool, batch * heads, [=](int64_t bh) {
+    thread_local std::vector<float> probs, grads;
+    probs.resize(kQueryBlock * keys);
+    grads.resize(kQueryBlock * keys);
+    const int64_t b = bh / heads, h = bh % heads;
+    const float* kb = kp + b * keys * ld + h * dim;
+    const float* vb = vp + b * keys * ld + h * dim;
+    float* dkb = dkp + b * keys * ld + h * dim;
+    float* dvb = dvp + b * keys * ld + h * dim;
+    for (int64_t t0 = 0; t0 < length; t0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, length - t0), at = (b * length + t0) * ld + h * dim;
+      const float *qb = qp + at, *ob = op + at, *gb = gp + at;
+      float *p = probs.data(), *ds = grads.data();
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, dim, 1.0f, qb, ld, kb, ld, 0.0f, p, keys);
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, dim, 1.0f, gb, ld, vb, ld, 0.0f, ds, keys);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float m = lp[(b * length + t0 + r) * heads + h];
+        float delta = 0.0f;  // rowsum(dO * O): the softmax backward's shift
+        for (int64_t c = 0; c < dim; ++c) delta += gb[r * ld + c] * ob[r * ld + c];
+        float *pr = p + r * keys, *dr = ds + r * keys;
+        for (int64_t j = 0; j < keys; ++j) {
+          const float e = expf(pr[j] - m);
+          pr[j] = e;
+          dr[j] = e * (dr[j] - delta);
+        }
+      }
+      const float beta = t0 == 0 ? 0.0f : 1.0f;
+      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, dim, rows, 1.0f, p, keys, gb, ld, beta, dvb, ld);
+      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, dim, rows, 1.0f, ds, keys, qb, ld, beta, dkb, ld);
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dim, keys, 1.0f, ds, keys, kb, ld, 0.0f,
+                        dqp + at, ld);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmul, Matmul,
@@ -137,6 +188,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 

@@ -18,7 +18,7 @@ to stay in cache and give the same numbers (fp32 accumulation):
   the single-device kernel.
 - `blocked_attention`: a block of queries at a time for all (batch, head) pairs; the loop runs
   over an unsharded axis, so it partitions like the plain attention on a device mesh.
-- `native_attention`: `per_head_attention`'s backward with the forward of the native kernel
+- `native_attention`: the same algorithm, forward and backward, as native kernels
   (`jaxasr.kernels.cpu`: OpenBLAS matmuls around an in-cache softmax, per block of queries),
   for float32 on one CPU device.
 """
@@ -135,8 +135,8 @@ _attention_by_head.defvjp(_forward, _backward)
 
 
 def native_attention(q, k, v, scale):
-    """Attention of float32 q, k, v [batch, T, heads, head_dim] with the native CPU kernel (see
-    `jaxasr.kernels.cpu.applies`); its backward is `per_head_attention`'s."""
+    """Attention of float32 q, k, v [batch, T, heads, head_dim] with the native CPU kernels (see
+    `jaxasr.kernels.cpu.applies`)."""
     return _native_by_head(q * jnp.float32(scale), k, v)
 
 
@@ -150,4 +150,8 @@ def _native_forward(q, k, v):
     return out, (q, k, v, out, lse)
 
 
-_native_by_head.defvjp(_native_forward, _backward)
+def _native_backward(residuals, d_out):
+    return cpu_kernels.attention_backward(*residuals, d_out)
+
+
+_native_by_head.defvjp(_native_forward, _native_backward)

@@ -40,11 +40,16 @@ def test_per_head_keeps_the_input_dtype():
 
 
 def test_native_attention_with_fewer_keys_and_nan():
-    """Keys may outnumber or undercut queries, and a NaN in a query reaches its output row only."""
+    """Fewer keys than queries (values and gradients), and a NaN in a query reaches its output row only."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, 300, 2, 8), dtype=np.float32))
     k, v = (jnp.asarray(rng.standard_normal((2, 70, 2, 8), dtype=np.float32)) for _ in range(2))
     expected = jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
     np.testing.assert_allclose(cpu_attention.native_attention(q, k, v, 0.3), expected, atol=2e-6)
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))  # noqa: E731
+    native = jax.grad(loss(lambda q, k, v: cpu_attention.native_attention(q, k, v, 0.3)), argnums=(0, 1, 2))
+    xla = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)), argnums=(0, 1, 2))
+    for name, got, want in zip("qkv", native(q, k, v), xla(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"d{name}")
     out = np.asarray(cpu_attention.native_attention(q.at[1, 5, 0, 3].set(jnp.nan), k, v, 0.3))
     assert np.isnan(out[1, 5, 0]).all() and not np.isnan(np.delete(out[1], 5, axis=0)).any()
