@@ -1,4 +1,4 @@
-"""Native float32 kernels for XLA:CPU through `jax.ffi`: OpenBLAS matmuls and an attention forward.
+"""Native float32 kernels for XLA:CPU through `jax.ffi`: an OpenBLAS matmul, and attention.
 
 Why: on this project's CPU, XLA:CPU's fp32 matmuls run at about half the speed of OpenBLAS's
 sgemm on the models' shapes (tools/bench_transcribe.py, tools/bench_train.py), and XLA cannot

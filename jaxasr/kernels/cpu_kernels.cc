@@ -81,12 +81,19 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// Whether two [B, ., H, D] shapes agree on batch, heads and head size.
+template <typename A, typename B>
+bool SameHeads(const A& x, const B& y) {
+  return x.size() == 4 && y.size() == 4 && x[0] == y[0] && x[2] == y[2] && x[3] == y[3];
+}
+
 constexpr int64_t kQueryBlock = 256;  // [256, T] scores: 1.5 MB at T = 1500, within a core's L2
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("jaxasr_attention: [B, T, H, D] operands");
+  if (!SameHeads(qd, kd) || !SameHeads(kd, v.dimensions()) || kd[1] != v.dimensions()[1])
+    return ffi::Error::InvalidArgument("jaxasr_attention: q [B, T, H, D], k and v [B, S, H, D]");
   const int64_t batch = qd[0], length = qd[1], heads = qd[2], dim = qd[3], keys = kd[1];
   const int64_t blocks = (length + kQueryBlock - 1) / kQueryBlock, ld = heads * dim;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
@@ -131,8 +138,8 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
                              ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq,
                              ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4)
-    return ffi::Error::InvalidArgument("jaxasr_attention_backward: [B, T, H, D] operands");
+  if (!SameHeads(qd, kd) || !SameHeads(kd, v.dimensions()) || kd[1] != v.dimensions()[1])
+    return ffi::Error::InvalidArgument("jaxasr_attention_backward: q [B, T, H, D], k and v [B, S, H, D]");
   const int64_t batch = qd[0], length = qd[1], heads = qd[2], dim = qd[3], keys = kd[1], ld = heads * dim;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = out.typed_data();
   const float *lp = lse.typed_data(), *gp = d_out.typed_data();

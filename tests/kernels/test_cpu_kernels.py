@@ -106,3 +106,10 @@ def test_dense_together_is_one_matmul_of_plain_layers_only():
             np.testing.assert_allclose(got, layer(x), rtol=1e-6, atol=1e-6)
     small = x[:, :8]  # below MIN_ROWS: XLA, one dot each
     assert _custom_calls(lambda x: dense_together([q, k], x), small) == 0
+
+
+def test_attention_rejects_mismatched_shapes():
+    q = jnp.ones((1, 4, 2, 8), jnp.float32)
+    k = jnp.ones((1, 4, 3, 8), jnp.float32)  # three heads against q's two
+    with pytest.raises(Exception, match=r"k and v \[B, S, H, D\]"):
+        jax.block_until_ready(cpu_kernels.attention(q, k, k))
