@@ -98,8 +98,8 @@ def _native_matmul(x: jax.Array, kernels: list[jax.Array], n_in: int) -> list[ja
     """x times each kernel, as one native matmul over the kernels side by side."""
     lead, k = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     flat = [w.reshape(k, -1) for w in kernels]
-    y = cpu_kernels.matmul(x.reshape(-1, k), flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1))
-    parts = jnp.split(y, np.cumsum([w.shape[1] for w in flat])[:-1], axis=1) if len(flat) > 1 else [y]
+    y = cpu_kernels.matmul(x.reshape(-1, k), jnp.concatenate(flat, axis=1))
+    parts = jnp.split(y, np.cumsum([w.shape[1] for w in flat])[:-1], axis=1)
     return [part.reshape(lead + w.shape[n_in:]) for part, w in zip(parts, kernels)]
 
 

@@ -159,7 +159,8 @@ def _attend(q, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None):
     `jax.nn.dot_product_attention` (XLA, or cuDNN when `attention_impl="cudnn"`), except for long
     unmasked attention on the CPU backend by default: there the XLA path materializes the whole
     [batch, heads, T, T] score matrix, and the cache-sized loops of `cpu_attention` are 2-4x
-    faster (Whisper's encoder); one device: per (batch, head), several: per query block.
+    faster (Whisper's encoder); one device: the native kernels where they apply, else per
+    (batch, head), several: per query block.
     `attention_impl="blocked"` asks for the query-block loop wherever attention is unmasked.
     """
     scale = q.shape[-1] ** -0.5
@@ -168,9 +169,9 @@ def _attend(q, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None):
         if impl == "blocked":
             return cpu_attention.blocked_attention(q, k, v, scale)
         if impl is None and q.shape[1] >= 2 * cpu_attention.QUERY_BLOCK and jax.default_backend() == "cpu":
+            if cpu_kernels.applies(q, k, v):  # float32, one device, the native kernels built
+                return cpu_attention.native_attention(q, k, v, scale)
             if jax.device_count() == 1:
-                if cpu_kernels.applies(q, k, v):
-                    return cpu_attention.native_attention(q, k, v, scale)
                 return cpu_attention.per_head_attention(q, k, v, scale)
             return cpu_attention.blocked_attention(q, k, v, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
@@ -205,8 +206,7 @@ class Attention(nnx.Module):
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [batch, length, heads, head_dim]."""
-        k, v = dense_together([self.k_proj, self.v_proj], x)
-        return k, v
+        return tuple(dense_together([self.k_proj, self.v_proj], x))
 
     def __call__(self, x, k, v, cfg: WhisperConfig, *, is_causal=False, mask=None) -> jax.Array:
         out = _attend(self.q_proj(x), k, v, cfg, is_causal=is_causal, mask=mask)
