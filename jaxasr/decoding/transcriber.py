@@ -15,7 +15,13 @@ import numpy as np
 
 from jaxasr.audio.features import N_SAMPLES, SAMPLE_RATE, log_mel_numpy_batch
 from jaxasr.convert.sources import WhisperCheckpoint
-from jaxasr.decoding.generate import beam_search, detect_language, greedy_search, max_new_tokens_for
+from jaxasr.decoding.generate import (
+    beam_search,
+    detect_language,
+    greedy_search,
+    greedy_search_shrinking,
+    max_new_tokens_for,
+)
 from jaxasr.decoding.prompt import DecodingRules, decoding_rules, language_ids, special_token_ids
 
 SEARCH_SECONDS = 5.0  # how far back from a window's end to look for a quiet cut
@@ -56,6 +62,9 @@ class Transcriber:
     task: str = "transcribe"
     max_new_tokens: int | None = None
     dtype: str = "float32"
+    # greedy: decode the rows still running in a smaller batch once half of them have ended
+    # (`greedy_search_shrinking`); False: one program for the whole batch (`greedy_search`)
+    shrink_batch: bool = True
 
     def __post_init__(self):
         self.model = self.checkpoint.build(dtype=self.dtype)
@@ -126,6 +135,8 @@ class Transcriber:
         padded = self._pad(features)
         if self.beam_size > 1:
             tokens = beam_search(self.model, padded, rules, max_new, self.beam_size)
+        elif self.shrink_batch:
+            tokens = greedy_search_shrinking(self.model, padded, rules, max_new, valid=len(features))
         else:
             tokens = greedy_search(self.model, padded, rules, max_new)
         return np.asarray(tokens)[: len(features)]

@@ -116,16 +116,20 @@ def _require():
                            "or JAXASR_CPU_KERNELS=0); check `applies` before calling them")
 
 
+def product(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """op(a) @ op(b) for float32 matrices with the native kernel, op transposing where asked (the
+    transposes are read in place, never copied). Not differentiable: see `matmul`."""
+    _require()
+    m, n = a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]
+    call = jax.ffi.ffi_call("jaxasr_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
 @jax.custom_vjp
 def matmul(a, b):
-    """a [M, K] @ b [K, N] in float32 with the native kernel, differentiable. The backward runs
-    XLA's matmuls: on the train step's shapes the kernel was not faster for the gradients (e.g.
-    [K, M] x [M, N] weight gradients 150-165 ms vs XLA's 127-138 ms at M = 24000, K = 384,
-    N = 1536), while its forward was (138-148 vs 188-210 ms)."""
-    _require()
-    call = jax.ffi.ffi_call("jaxasr_matmul", jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
-                            vmap_method="sequential")
-    return call(a, b)
+    """a [M, K] @ b [K, N] in float32 with the native kernel, differentiable: the gradients are
+    native products too, g b^T and a^T g, the latter split over its long contraction."""
+    return product(a, b)
 
 
 def _matmul_fwd(a, b):
@@ -134,7 +138,7 @@ def _matmul_fwd(a, b):
 
 def _matmul_bwd(residuals, g):
     a, b = residuals
-    return g @ b.T, a.T @ g
+    return product(g, b, trans_b=True), product(a, g, trans_a=True)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

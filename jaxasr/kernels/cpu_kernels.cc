@@ -1,7 +1,8 @@
 // Native kernels for XLA:CPU, called through jax.ffi (see cpu.py, which builds and registers them).
 //
-// - jaxasr_matmul: C = A B in float32 with OpenBLAS's sgemm, blocks of C split over XLA's intra-op
-//   thread pool (OpenBLAS itself runs single-threaded, so the two pools never compete).
+// - jaxasr_matmul: C = op(A) op(B) (op: optionally transposed) in float32 with OpenBLAS's sgemm,
+//   blocks of C (or of the contraction) split over XLA's intra-op thread pool (OpenBLAS itself
+//   runs single-threaded, so the two pools never compete).
 // - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
 //   so the scores stay in cache; also returns the log-sum-exp of each row for the backward.
 // - jaxasr_attention_backward: its gradients from that log-sum-exp, flash-attention style.
@@ -53,29 +54,57 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
 }
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                  ffi::ResultBuffer<ffi::F32> c) {
+                  ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
   auto ad = a.dimensions(), bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0])
-    return ffi::Error::InvalidArgument("jaxasr_matmul: operands [M, K] and [K, N]");
-  const int64_t m = ad[0], k = ad[1], n = bd[1];
+  if (ad.size() != 2 || bd.size() != 2 || ad[trans_a ? 0 : 1] != bd[trans_b ? 1 : 0])
+    return ffi::Error::InvalidArgument("jaxasr_matmul: op(a) [M, K] and op(b) [K, N]");
+  const int64_t m = ad[trans_a ? 1 : 0], k = ad[trans_a ? 0 : 1], n = bd[trans_b ? 0 : 1];
+  const int64_t lda = ad[1], ldb = bd[1];
+  const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+  const float *ap = a.typed_data(), *bp = b.typed_data();
+  float* cp = c->typed_data();
+  // Where row i / contraction index p / column j of op(a), op(b) start in memory.
+  auto a_row = [=](int64_t i) { return trans_a ? ap + i : ap + i * lda; };
+  auto a_col = [=](int64_t p) { return trans_a ? ap + p * lda : ap + p; };
+  auto b_row = [=](int64_t p) { return trans_b ? bp + p : bp + p * ldb; };
+  auto b_col = [=](int64_t j) { return trans_b ? bp + j * ldb : bp + j; };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads > 1 && k >= 4 * std::max(m, n)) {
+    // A small product of long operands (a weight gradient, x^T g, summed over every token): one
+    // slice of the contraction per thread into its own [M, N] partial, then the partials summed.
+    // Splitting M or N instead would make every block pack all of the other long operand.
+    const int64_t parts = threads, size = (k + parts - 1) / parts;
+    std::vector<float> partials((parts - 1) * m * n);
+    ParallelFor(pool, parts, [&](int64_t i) {
+      const int64_t p0 = i * size, len = std::max<int64_t>(0, std::min(size, k - p0));
+      float* out = i == 0 ? cp : partials.data() + (i - 1) * m * n;
+      if (len == 0) {
+        std::fill(out, out + m * n, 0.0f);
+        return;
+      }
+      scipy_cblas_sgemm(CblasRowMajor, ta, tb, m, n, len, 1.0f, a_col(p0), lda, b_row(p0), ldb, 0.0f, out, n);
+    });
+    ParallelFor(pool, m, [&](int64_t r) {
+      for (int64_t i = 1; i < parts; ++i) {
+        const float* src = partials.data() + (i - 1) * m * n + r * n;
+        for (int64_t j = 0; j < n; ++j) cp[r * n + j] += src[j];
+      }
+    });
+    return ffi::Error::Success();
+  }
   // Blocks of rows of C, or of columns when C is wider than tall: each block's sgemm packs its
   // own slice of one operand and all of the other, so the smaller one is the one packed again
   // per block. About four blocks per thread for balance, at least 64 rows or columns each so
   // every sgemm stays efficient.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const bool by_rows = m >= n;
   const int64_t extent = by_rows ? m : n;
   const int64_t size = std::max<int64_t>(64, (extent + 4 * threads - 1) / (4 * threads));
-  const float *ap = a.typed_data(), *bp = b.typed_data();
-  float* cp = c->typed_data();
   ParallelFor(pool, (extent + size - 1) / size, [=](int64_t i) {
     const int64_t start = i * size, len = std::min(size, extent - start);
     if (by_rows) {
-      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, len, n, k, 1.0f, ap + start * k, k, bp, n,
-                        0.0f, cp + start * n, n);
+      scipy_cblas_sgemm(CblasRowMajor, ta, tb, len, n, k, 1.0f, a_row(start), lda, bp, ldb, 0.0f, cp + start * n, n);
     } else {
-      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, len, k, 1.0f, ap, k, bp + start, n, 0.0f,
-                        cp + start, n);
+      scipy_cblas_sgemm(CblasRowMajor, ta, tb, m, len, k, 1.0f, ap, lda, b_col(start), ldb, 0.0f, cp + start, n);
     }
   });
   return ffi::Error::Success();
@@ -187,7 +216,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmul, Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttention, Attention,
                               ffi::Ffi::Bind()

@@ -27,7 +27,13 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
 from jaxasr.audio.features import N_SAMPLES, SAMPLE_RATE  # noqa: E402
-from jaxasr.decoding.generate import beam_search, greedy_search, max_new_tokens_for  # noqa: E402
+from jaxasr.decoding import generate  # noqa: E402
+from jaxasr.decoding.generate import (  # noqa: E402
+    beam_search,
+    greedy_search,
+    greedy_search_shrinking,
+    max_new_tokens_for,
+)
 from jaxasr.decoding.prompt import decoding_rules  # noqa: E402
 from jaxasr.decoding.transcriber import QUIET_FRAME, SEARCH_SECONDS, Transcriber, split_windows  # noqa: E402
 from jaxasr.scoring import error_rates, normalizer  # noqa: E402
@@ -173,6 +179,29 @@ def test_greedy_tokens_match_transformers(our_greedy, hf_greedy, rules, tiny_en_
         assert not suppressed & set(tokens)
         assert tokens[0] not in rules.begin_suppress_tokens
         assert all(t < rules.eot for t in tokens), "special token in a transcript"
+
+
+def test_shrinking_greedy_matches_transformers(model, features, hf_greedy, rules, max_new, monkeypatch):
+    """The Transcriber's greedy search, whose batch halves as rows end, gives transformers' tokens
+    on every clip, and did shrink: the last batch is padding in part (ended from the start)."""
+    sizes = []
+    take_rows = generate._take_rows
+
+    def recording(state, rows):
+        sizes.append((state.done.shape[0], len(rows)))
+        return take_rows(state, rows)
+
+    monkeypatch.setattr(generate, "_take_rows", recording)
+    ours = []
+    for start in range(0, len(features), BATCH):
+        chunk = features[start : start + BATCH]
+        padded = np.concatenate([chunk, np.zeros((BATCH - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+        tokens = greedy_search_shrinking(model, jnp.asarray(padded), rules, max_new, valid=len(chunk))
+        assert isinstance(tokens, np.ndarray) and tokens.shape == (BATCH, max_new)
+        assert (tokens[len(chunk):] == rules.eot).all()  # padding rows never generate
+        ours += [strip(row, rules) for row in tokens[: len(chunk)]]
+    assert ours == hf_greedy
+    assert (BATCH, BATCH // 2) in sizes and all(new <= old // 2 or old == 1 for old, new in sizes), sizes
 
 
 def faster_whisper_greedy(clips_audio: list[np.ndarray]) -> tuple[list[str], list[list[int]]]:
