@@ -37,6 +37,20 @@ def test_matmul_and_its_gradients_match_xla():
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
 
 
+def test_product_reads_transposes_in_place():
+    """op(a) @ op(b) for every transpose combination, on the three ways the kernel splits work:
+    row blocks, column blocks, and the contraction (a small product of long operands, as weight
+    gradients are: there one partial product per thread, summed)."""
+    rng = np.random.default_rng(1)
+    for m, k, n in [(301, 70, 50), (20, 33, 300), (24, 1001, 40)]:
+        a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+        for trans_a in (False, True):
+            for trans_b in (False, True):
+                got = jax.jit(lambda x, y, ta=trans_a, tb=trans_b: cpu_kernels.product(x, y, trans_a=ta, trans_b=tb))(
+                    jnp.asarray(a.T.copy() if trans_a else a), jnp.asarray(b.T.copy() if trans_b else b))
+                np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-4, err_msg=f"{m, k, n, trans_a, trans_b}")
+
+
 def _custom_calls(fn, *args) -> int:
     return jax.jit(fn).lower(*args).as_text().count("jaxasr_matmul")
 
