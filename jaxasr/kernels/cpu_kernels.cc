@@ -3,6 +3,7 @@
 // - jaxasr_matmul: C = op(A) op(B) (op: optionally transposed) in float32 with OpenBLAS's sgemm,
 //   blocks of C (or of the contraction) split over XLA's intra-op thread pool (OpenBLAS itself
 //   runs single-threaded, so the two pools never compete).
+// - jaxasr_matmul_heads: A B + bias written head-major, one [B, H, T, D] result per key/value group.
 // - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
 //   so the scores stay in cache; also returns the log-sum-exp of each row for the backward.
 // - jaxasr_attention_backward: its gradients from that log-sum-exp, flash-attention style.
@@ -106,6 +107,56 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
     } else {
       scipy_cblas_sgemm(CblasRowMajor, ta, tb, m, len, k, 1.0f, ap, lda, b_col(start), ldb, 0.0f, cp + start, n);
     }
+  });
+  return ffi::Error::Success();
+}
+
+// op(A) B + bias written head-major: A [M, K] holds `batch` sequences of T = M / batch rows, B is
+// [K, N] with N = G H D, and result g is [batch, H, T, D] (attention keys/values as decoding and
+// the attention kernels read them). Each sequence's rows are multiplied into a thread-local
+// buffer, then copied out a head (D contiguous floats) at a time: the copies run from cache,
+// where a transpose of the [M, N] product afterwards is one more pass over memory.
+ffi::Error MatmulHeads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::Buffer<ffi::F32> bias, ffi::RemainingRets outs) {
+  auto ad = a.dimensions(), bd = b.dimensions();
+  const int64_t groups = static_cast<int64_t>(outs.size());
+  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0] || groups == 0 || bias.element_count() != bd[1])
+    return ffi::Error::InvalidArgument("jaxasr_matmul_heads: a [M, K], b [K, N], bias [N], results");
+  std::vector<float*> dst(groups);
+  int64_t batch = 0, heads = 0, length = 0, dim = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(g);
+    if (!out.has_value()) return out.error();
+    auto od = (*out)->dimensions();
+    if (od.size() != 4 || (g > 0 && (od[0] != batch || od[1] != heads || od[2] != length || od[3] != dim)))
+      return ffi::Error::InvalidArgument("jaxasr_matmul_heads: results of one shape [B, H, T, D]");
+    batch = od[0], heads = od[1], length = od[2], dim = od[3];
+    dst[g] = (*out)->typed_data();
+  }
+  const int64_t m = ad[0], k = ad[1], n = bd[1];
+  if (batch * length != m || groups * heads * dim != n)
+    return ffi::Error::InvalidArgument("jaxasr_matmul_heads: M = B T and N = G H D");
+  // One item per sequence when there are enough of them (B packed once per item); otherwise
+  // sequences split into row chunks so every thread has work.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::max<int64_t>(1, (4 * threads + batch - 1) / batch);
+  const int64_t size = (length + chunks - 1) / chunks;
+  const float *ap = a.typed_data(), *bp = b.typed_data(), *biasp = bias.typed_data();
+  ParallelFor(pool, batch * chunks, [=, &dst](int64_t i) {
+    const int64_t seq = i / chunks, t0 = (i % chunks) * size, rows = std::min(size, length - t0);
+    if (rows <= 0) return;
+    thread_local std::vector<float> buffer;
+    buffer.resize(rows * n);
+    float* buf = buffer.data();
+    for (int64_t r = 0; r < rows; ++r) std::copy(biasp, biasp + n, buf + r * n);
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, ap + (seq * length + t0) * k, k,
+                      bp, n, 1.0f, buf, n);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t h = 0; h < heads; ++h) {
+        float* out = dst[g] + ((seq * heads + h) * length + t0) * dim;
+        const float* src = buf + (g * heads + h) * dim;
+        for (int64_t r = 0; r < rows; ++r) std::copy(src + r * n, src + r * n + dim, out + r * dim);
+      }
   });
   return ffi::Error::Success();
 }
@@ -219,6 +270,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmul, Matmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmulHeads, MatmulHeads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttention, Attention,
                               ffi::Ffi::Bind()

@@ -118,6 +118,26 @@ def dense_together(layers: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
     return [layer._add_bias(y) for layer, y in zip(layers, _native_matmul(x, kernels, first.n_in))]
 
 
+def dense_heads_together(layers: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
+    """Outputs of Dense layers [d] -> [heads, head_dim] on x [batch, length, d], each head-major
+    [batch, heads, length, head_dim] (as decoding reads attention keys/values). On the native CPU
+    path one matmul writes them so, bias included (`cpu_kernels.matmul_heads`); elsewhere
+    `dense_together` and a transpose."""
+    first = layers[0]
+    head_shape = first.kernel.shape[1:]
+    if (x.ndim == 3 and len(head_shape) == 2 and all(type(layer) is Dense and layer.kernel.shape == first.kernel.shape
+                                                      and layer.dtype == first.dtype for layer in layers)):
+        kernels = [layer.kernel[...].astype(first.dtype) for layer in layers]
+        x = x.astype(first.dtype)
+        if _native(x, kernels[0], 1):
+            width = math.prod(head_shape)
+            bias = jnp.concatenate([jnp.zeros((width,), first.dtype) if layer.bias is None
+                                    else layer.bias[...].astype(first.dtype).reshape(-1) for layer in layers])
+            kernel = jnp.concatenate([w.reshape(w.shape[0], -1) for w in kernels], axis=1)
+            return list(cpu_kernels.matmul_heads(x.reshape(-1, x.shape[-1]), kernel, bias, x.shape[0], head_shape))
+    return [y.transpose(0, 2, 1, 3) for y in dense_together(layers, x)]
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 (as PyTorch does for fp32 and autocast), cast back to `dtype`."""
 

@@ -17,7 +17,16 @@ from flax import nnx
 
 from jaxasr.kernels import cpu as cpu_kernels
 from jaxasr.models import cpu_attention
-from jaxasr.models.layers import Buffer, Conv1d, Dense, Embed, LayerNorm, constrain, dense_together
+from jaxasr.models.layers import (
+    Buffer,
+    Conv1d,
+    Dense,
+    Embed,
+    LayerNorm,
+    constrain,
+    dense_heads_together,
+    dense_together,
+)
 
 # --------------------------------------------------------------------------- config
 
@@ -385,9 +394,9 @@ class WhisperDecoder(nnx.Module):
         if layers is None:
             layers = self.layers if self.cfg.scan_layers else self.decoding_layers()
         if isinstance(layers, list):  # all layers' projections of `encoded` together (one matmul natively)
-            kv = dense_together([p for layer in layers for p in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)],
-                                encoded)
-            return [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in zip(kv[::2], kv[1::2])]
+            kv = dense_heads_together(
+                [p for layer in layers for p in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)], encoded)
+            return list(zip(kv[::2], kv[1::2]))
         return nnx.vmap(project, in_axes=(0, None), out_axes=0)(layers, encoded)
 
     def __call__(self, tokens, cross_kv, cache: KVCache | None = None, index=0, layers=None):
