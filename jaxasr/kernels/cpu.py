@@ -99,6 +99,7 @@ def available() -> bool:
     lib.JaxasrSingleThreadedBlas()
     jax.ffi.register_ffi_target("jaxasr_matmul", jax.ffi.pycapsule(lib.JaxasrMatmul), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_matmul_heads", jax.ffi.pycapsule(lib.JaxasrMatmulHeads), platform="cpu")
+    jax.ffi.register_ffi_target("jaxasr_dense_gelu", jax.ffi.pycapsule(lib.JaxasrDenseGelu), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_attention", jax.ffi.pycapsule(lib.JaxasrAttention), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_attention_backward", jax.ffi.pycapsule(lib.JaxasrAttentionBackward),
                                 platform="cpu")
@@ -171,6 +172,37 @@ def _matmul_heads_bwd(batch, head_shape, residuals, d_outs):
 
 
 matmul_heads.defvjp(_matmul_heads_fwd, _matmul_heads_bwd)
+
+
+def _dense_gelu_call(a, b, bias, keep_pre: bool):
+    _require()
+    shape = jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32)
+    call = jax.ffi.ffi_call("jaxasr_dense_gelu", (shape,) * (2 if keep_pre else 1), vmap_method="sequential")
+    return call(a, b, bias)
+
+
+@jax.custom_vjp
+def dense_gelu(a, b, bias):
+    """gelu(a [M, K] @ b [K, N] + bias [N]), exact (erf) GELU, with the shift and the activation
+    done on each block of the product while it is in cache (XLA's separate bias + GELU pass took
+    ~45 ms per tiny.en encoder layer at batch 16). Differentiable: the forward of a gradient
+    keeps the pre-activation."""
+    return _dense_gelu_call(a, b, bias, False)[0]
+
+
+def _dense_gelu_fwd(a, b, bias):
+    y, pre = _dense_gelu_call(a, b, bias, True)
+    return y, (a, b, pre)
+
+
+def _dense_gelu_bwd(residuals, g):
+    a, b, pre = residuals
+    _, gelu_vjp = jax.vjp(lambda h: jax.nn.gelu(h, approximate=False), pre)
+    (d_pre,) = gelu_vjp(g)
+    return product(d_pre, b, trans_b=True), product(a, d_pre, trans_a=True), jnp.sum(d_pre, axis=0)
+
+
+dense_gelu.defvjp(_dense_gelu_fwd, _dense_gelu_bwd)
 
 
 def attention(q, k, v):

@@ -4,6 +4,7 @@
 //   blocks of C (or of the contraction) split over XLA's intra-op thread pool (OpenBLAS itself
 //   runs single-threaded, so the two pools never compete).
 // - jaxasr_matmul_heads: A B + bias written head-major, one [B, H, T, D] result per key/value group.
+// - jaxasr_dense_gelu: gelu(A B + bias), the GELU applied to each block of rows while in cache.
 // - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
 //   so the scores stay in cache; also returns the log-sum-exp of each row for the backward.
 // - jaxasr_attention_backward: its gradients from that log-sum-exp, flash-attention style.
@@ -161,6 +162,39 @@ ffi::Error MatmulHeads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// gelu(A B + bias) with the exact (erf) GELU, and optionally A B + bias itself as a second result
+// (what the gradient needs): blocks of rows, each multiplied, shifted and activated while it is
+// still in cache, where XLA ran the bias and the GELU as one more pass over the product.
+ffi::Error DenseGelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                     ffi::Buffer<ffi::F32> bias, ffi::RemainingRets outs) {
+  auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0] || bias.element_count() != bd[1] || outs.size() < 1 ||
+      outs.size() > 2)
+    return ffi::Error::InvalidArgument("jaxasr_dense_gelu: a [M, K], b [K, N], bias [N]; results [M, N]");
+  const int64_t m = ad[0], k = ad[1], n = bd[1];
+  float* dst[2] = {nullptr, nullptr};
+  for (size_t i = 0; i < outs.size(); ++i) {
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(i);
+    if (!out.has_value()) return out.error();
+    if ((*out)->element_count() != m * n) return ffi::Error::InvalidArgument("jaxasr_dense_gelu: results [M, N]");
+    dst[i] = (*out)->typed_data();
+  }
+  constexpr int64_t kRows = 512;  // a [512, N] block stays in cache for the epilogue
+  const float *ap = a.typed_data(), *bp = b.typed_data(), *biasp = bias.typed_data();
+  float *yp = dst[0], *hp = dst[1];
+  ParallelFor(pool, (m + kRows - 1) / kRows, [=](int64_t i) {
+    const int64_t start = i * kRows, rows = std::min(kRows, m - start);
+    float* y = yp + start * n;
+    for (int64_t r = 0; r < rows; ++r) std::copy(biasp, biasp + n, y + r * n);
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, ap + start * k, k, bp, n, 1.0f, y,
+                      n);
+    if (hp != nullptr) std::copy(y, y + rows * n, hp + start * n);
+    const int64_t count = rows * n;
+    for (int64_t j = 0; j < count; ++j) y[j] = 0.5f * y[j] * (1.0f + erff(y[j] * 0.70710678118654752f));
+  });
+  return ffi::Error::Success();
+}
+
 // Whether two [B, ., H, D] shapes agree on batch, heads and head size.
 template <typename A, typename B>
 bool SameHeads(const A& x, const B& y) {
@@ -272,6 +306,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmul, Matmul,
                                   .Attr<bool>("trans_b"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmulHeads, MatmulHeads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrDenseGelu, DenseGelu,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -118,6 +118,18 @@ def dense_together(layers: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
     return [layer._add_bias(y) for layer, y in zip(layers, _native_matmul(x, kernels, first.n_in))]
 
 
+def dense_gelu(layer: Dense, x: jax.Array) -> jax.Array:
+    """gelu(layer(x)) with the exact GELU; on the native CPU path one kernel that adds the bias and
+    applies the GELU to the product block by block (`cpu_kernels.dense_gelu`)."""
+    kernel = layer.kernel[...].astype(layer.dtype)
+    x = x.astype(layer.dtype)
+    plain = type(layer) is Dense and layer.n_in == 1 and kernel.ndim == 2 and layer.bias is not None
+    if plain and _native(x, kernel, 1):
+        y = cpu_kernels.dense_gelu(x.reshape(-1, x.shape[-1]), kernel, layer.bias[...].astype(layer.dtype))
+        return y.reshape(x.shape[:-1] + kernel.shape[1:])
+    return jax.nn.gelu(layer(x), approximate=False)
+
+
 def dense_heads_together(layers: Sequence[Dense], x: jax.Array) -> list[jax.Array]:
     """Outputs of Dense layers [d] -> [heads, head_dim] on x [batch, length, d], each head-major
     [batch, heads, length, head_dim] (as decoding reads attention keys/values). On the native CPU

@@ -24,6 +24,7 @@ from jaxasr.models.layers import (
     Embed,
     LayerNorm,
     constrain,
+    dense_gelu,
     dense_heads_together,
     dense_together,
 )
@@ -238,7 +239,7 @@ class MLP(nnx.Module):
         self.fc2 = Dense((ffn_dim,), (cfg.d_model,), ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(dense_gelu(self.fc1, x))
 
 
 # --------------------------------------------------------------------------- layers

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxasr.kernels import cpu as cpu_kernels
-from jaxasr.models.layers import Dense, dense_heads_together, dense_together
+from jaxasr.models.layers import Dense, dense_gelu, dense_heads_together, dense_together
 from tests.subprocesses import start_python
 
 
@@ -77,6 +77,28 @@ def test_dense_heads_together_writes_head_major_with_bias_and_gradients():
 
         for got, expected in zip(grads(dense_heads_together), grads(reference)):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_gelu_matches_xla_with_gradients():
+    """fc1 + exact GELU as one native kernel: values and gradients against jax.nn.gelu over the
+    layer (a partial last block of rows included)."""
+    rng = np.random.default_rng(4)
+    layer = Dense((48,), (200,), ("embed", "mlp"), rngs=nnx.Rngs(0))
+    layer.bias[...] = jnp.asarray(rng.standard_normal(200, dtype=np.float32))
+    x = jnp.asarray(2 * rng.standard_normal((2, cpu_kernels.MIN_ROWS + 77, 48), dtype=np.float32))
+    assert _custom_calls(lambda x: dense_gelu(layer, x), x, name="jaxasr_dense_gelu") == 1
+
+    def reference(layer, x):
+        return jax.nn.gelu(jnp.einsum("btd,df->btf", x, layer.kernel[...]) + layer.bias[...], approximate=False)
+
+    np.testing.assert_allclose(dense_gelu(layer, x), reference(layer, x), rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(rng.standard_normal((2, cpu_kernels.MIN_ROWS + 77, 200), dtype=np.float32))
+
+    def grads(f):
+        return jax.tree.leaves(nnx.grad(lambda layer, x: jnp.sum(f(layer, x) * weights), argnums=(0, 1))(layer, x))
+
+    for got, expected in zip(grads(dense_gelu), grads(reference)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
 def _custom_calls(fn, *args, name: str = "jaxasr_matmul") -> int:
