@@ -100,6 +100,7 @@ def available() -> bool:
     jax.ffi.register_ffi_target("jaxasr_matmul", jax.ffi.pycapsule(lib.JaxasrMatmul), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_matmul_heads", jax.ffi.pycapsule(lib.JaxasrMatmulHeads), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_dense_gelu", jax.ffi.pycapsule(lib.JaxasrDenseGelu), platform="cpu")
+    jax.ffi.register_ffi_target("jaxasr_eigh", jax.ffi.pycapsule(lib.JaxasrEigh), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_attention", jax.ffi.pycapsule(lib.JaxasrAttention), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_attention_backward", jax.ffi.pycapsule(lib.JaxasrAttentionBackward),
                                 platform="cpu")
@@ -203,6 +204,15 @@ def _dense_gelu_bwd(residuals, g):
 
 
 dense_gelu.defvjp(_dense_gelu_fwd, _dense_gelu_bwd)
+
+
+def eigh(x):
+    """(w ascending [..., N], v [..., N, N] with eigenvectors as columns) of symmetric float32
+    x [..., N, N], as `jnp.linalg.eigh`, the matrices of a batch solved in parallel (ssyevd, one
+    per pool thread). Not differentiable."""
+    _require()
+    shapes = (jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32), jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    return jax.ffi.ffi_call("jaxasr_eigh", shapes, vmap_method="broadcast_all")(x)
 
 
 def attention(q, k, v):

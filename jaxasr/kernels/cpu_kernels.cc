@@ -5,6 +5,7 @@
 //   runs single-threaded, so the two pools never compete).
 // - jaxasr_matmul_heads: A B + bias written head-major, one [B, H, T, D] result per key/value group.
 // - jaxasr_dense_gelu: gelu(A B + bias), the GELU applied to each block of rows while in cache.
+// - jaxasr_eigh: batched symmetric eigendecomposition (LAPACK ssyevd), a matrix per pool task.
 // - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
 //   so the scores stay in cache; also returns the log-sum-exp of each row for the backward.
 // - jaxasr_attention_backward: its gradients from that log-sum-exp, flash-attention style.
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "cblas.h"
+#include "lapacke.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -294,6 +296,38 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   return ffi::Error::Success();
 }
 
+// The matrices of a [..., M, N] buffer: how many, and M, N.
+template <typename Dims>
+bool Matrices(const Dims& d, int64_t& count, int64_t& m, int64_t& n) {
+  if (d.size() < 2) return false;
+  count = 1;
+  for (size_t i = 0; i + 2 < d.size(); ++i) count *= d[i];
+  m = d[d.size() - 2], n = d[d.size() - 1];
+  return true;
+}
+
+// Eigenvalues (ascending) and eigenvectors (columns) of symmetric [..., N, N] matrices (ssyevd),
+// one matrix per pool task with single-threaded LAPACK: jaxlib solves a batch one matrix at a
+// time on OpenBLAS's threads, which the memory-bound reduction to tridiagonal form uses poorly
+// (16 of 768 x 768: 465 vs 971 ms). A matrix LAPACK fails on comes back as NaN.
+ffi::Error Eigh(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::ResultBuffer<ffi::F32> w,
+                ffi::ResultBuffer<ffi::F32> v) {
+  int64_t count, m, n;
+  if (!Matrices(a.dimensions(), count, m, n) || m != n)
+    return ffi::Error::InvalidArgument("jaxasr_eigh: square matrices [..., N, N]");
+  const float* ap = a.typed_data();
+  float *wp = w->typed_data(), *vp = v->typed_data();
+  ParallelFor(pool, count, [=](int64_t i) {
+    float *vi = vp + i * n * n, *wi = wp + i * n;
+    std::copy(ap + i * n * n, ap + (i + 1) * n * n, vi);
+    if (scipy_LAPACKE_ssyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, vi, n, wi) != 0) {
+      std::fill(vi, vi + n * n, NAN);
+      std::fill(wi, wi + n, NAN);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrMatmul, Matmul,
@@ -340,6 +374,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttentionBackward, AttentionBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrEigh, Eigh,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
