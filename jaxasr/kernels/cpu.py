@@ -101,6 +101,7 @@ def available() -> bool:
     jax.ffi.register_ffi_target("jaxasr_matmul_heads", jax.ffi.pycapsule(lib.JaxasrMatmulHeads), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_dense_gelu", jax.ffi.pycapsule(lib.JaxasrDenseGelu), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_eigh", jax.ffi.pycapsule(lib.JaxasrEigh), platform="cpu")
+    jax.ffi.register_ffi_target("jaxasr_polar", jax.ffi.pycapsule(lib.JaxasrPolar), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_attention", jax.ffi.pycapsule(lib.JaxasrAttention), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_attention_backward", jax.ffi.pycapsule(lib.JaxasrAttentionBackward),
                                 platform="cpu")
@@ -213,6 +214,15 @@ def eigh(x):
     _require()
     shapes = (jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32), jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return jax.ffi.ffi_call("jaxasr_eigh", shapes, vmap_method="broadcast_all")(x)
+
+
+def polar(x):
+    """Orthogonal polar factor of each float32 matrix x [..., M, N], the matrices of a batch in
+    parallel: for a long matrix with a well-conditioned Gram matrix G of its short side
+    x G^{-1/2} (eigendecomposition of G, error ~ eps cond(G)), otherwise U V^T from the thin SVD
+    (sgesdd). Not differentiable."""
+    _require()
+    return jax.ffi.ffi_call("jaxasr_polar", jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="broadcast_all")(x)
 
 
 def attention(q, k, v):

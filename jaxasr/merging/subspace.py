@@ -41,7 +41,12 @@ def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def polar(x: jax.Array) -> jax.Array:
-    """Orthogonal polar factor P Q^T of x = P S Q^T (the nearest matrix with orthonormal columns/rows)."""
+    """Orthogonal polar factor P Q^T of x = P S Q^T (the nearest matrix with orthonormal columns/rows).
+    On one CPU device the native kernel: a batch's matrices in parallel, and a long, well-conditioned
+    matrix (TSV-M's concatenated bases of a long side) through its Gram matrix, not an SVD (1.7x
+    faster than jaxlib's SVD on 16 concatenated 768 x 768 bases, 3x on 3072 x 768 ones)."""
+    if cpu_kernels.applies(x):
+        return cpu_kernels.polar(x)
     p, _, qt = jnp.linalg.svd(x, full_matrices=False)
     return p @ qt
 

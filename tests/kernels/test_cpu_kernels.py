@@ -116,6 +116,31 @@ def test_eigh_matches_jax_on_batches_and_under_vmap():
         np.testing.assert_allclose((v * w[..., None, :]) @ jnp.swapaxes(v, -1, -2), gram, rtol=1e-4, atol=1e-3)
 
 
+def test_polar_matches_the_svd_route_on_every_path():
+    """Polar factors against float64 SVD: square (SVD), long with orthonormal blocks (Gram route),
+    wide, and a long rank-deficient one (fails the Gram test, so the SVD), vmapped too."""
+    rng = np.random.default_rng(6)
+
+    def blocks(m, k, t):  # TSV-M's concatenated per-task bases
+        return np.concatenate([np.linalg.qr(rng.standard_normal((m, k)))[0] for _ in range(t)], axis=1)
+
+    def reference(a):
+        u, _, vt = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+        return u @ vt
+
+    cases = [np.stack([blocks(64, 16, 4) for _ in range(3)]), np.stack([blocks(160, 16, 4) for _ in range(3)]),
+             np.stack([blocks(160, 16, 4).T for _ in range(2)])]
+    for a in cases:
+        a = a.astype(np.float32)
+        for got in (cpu_kernels.polar(jnp.asarray(a)), jax.jit(jax.vmap(cpu_kernels.polar))(jnp.asarray(a))):
+            np.testing.assert_allclose(got, np.stack([reference(x) for x in a]), atol=2e-5)
+    # rank 16 of 32 columns: no unique polar factor, but its columns stay orthonormal on the rank's span
+    deficient = np.concatenate([blocks(100, 16, 1)] * 2, axis=1).astype(np.float32)[None]
+    got = np.asarray(cpu_kernels.polar(jnp.asarray(deficient)))[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got @ got.T @ deficient[0], deficient[0], atol=1e-4)
+
+
 def _custom_calls(fn, *args, name: str = "jaxasr_matmul") -> int:
     return jax.jit(fn).lower(*args).as_text().count(f"@{name}(")
 
