@@ -207,13 +207,16 @@ def _dense_gelu_bwd(residuals, g):
 dense_gelu.defvjp(_dense_gelu_fwd, _dense_gelu_bwd)
 
 
-def eigh(x):
+def eigh(x, *, gram: bool = False):
     """(w ascending [..., N], v [..., N, N] with eigenvectors as columns) of symmetric float32
-    x [..., N, N], as `jnp.linalg.eigh`, the matrices of a batch solved in parallel (ssyevd, one
-    per pool thread). Not differentiable."""
+    x [..., N, N], as `jnp.linalg.eigh`, or with `gram` of x^T x for x [..., M, N] (formed by
+    ssyrk, half a matmul). A batch's matrices are solved in parallel (ssyevd, one per pool
+    thread). Not differentiable."""
     _require()
-    shapes = (jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32), jax.ShapeDtypeStruct(x.shape, jnp.float32))
-    return jax.ffi.ffi_call("jaxasr_eigh", shapes, vmap_method="broadcast_all")(x)
+    n = x.shape[-1]
+    shapes = (jax.ShapeDtypeStruct(x.shape[:-2] + (n,), jnp.float32),
+              jax.ShapeDtypeStruct(x.shape[:-2] + (n, n), jnp.float32))
+    return jax.ffi.ffi_call("jaxasr_eigh", shapes, vmap_method="broadcast_all")(x, gram=gram)
 
 
 def polar(x):

@@ -307,20 +307,25 @@ bool Matrices(const Dims& d, int64_t& count, int64_t& m, int64_t& n) {
   return true;
 }
 
-// Eigenvalues (ascending) and eigenvectors (columns) of symmetric [..., N, N] matrices (ssyevd),
-// one matrix per pool task with single-threaded LAPACK: jaxlib solves a batch one matrix at a
-// time on OpenBLAS's threads, which the memory-bound reduction to tridiagonal form uses poorly
-// (16 of 768 x 768: 465 vs 971 ms). A matrix LAPACK fails on comes back as NaN.
+// Eigenvalues (ascending) and eigenvectors (columns) of symmetric matrices (ssyevd): of each
+// [..., N, N] input, or with `gram` of the Gram matrix X^T X of each [..., M, N] input (ssyrk:
+// half a matmul's work). One matrix per pool task with single-threaded LAPACK: jaxlib solves a
+// batch one matrix at a time on OpenBLAS's threads, which the memory-bound reduction to
+// tridiagonal form uses poorly (16 of 768 x 768: 465 vs 971 ms). A failure comes back as NaN.
 ffi::Error Eigh(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::ResultBuffer<ffi::F32> w,
-                ffi::ResultBuffer<ffi::F32> v) {
+                ffi::ResultBuffer<ffi::F32> v, bool gram) {
   int64_t count, m, n;
-  if (!Matrices(a.dimensions(), count, m, n) || m != n)
-    return ffi::Error::InvalidArgument("jaxasr_eigh: square matrices [..., N, N]");
+  if (!Matrices(a.dimensions(), count, m, n) || (!gram && m != n))
+    return ffi::Error::InvalidArgument("jaxasr_eigh: square matrices [..., N, N], or any with gram");
   const float* ap = a.typed_data();
   float *wp = w->typed_data(), *vp = v->typed_data();
   ParallelFor(pool, count, [=](int64_t i) {
     float *vi = vp + i * n * n, *wi = wp + i * n;
-    std::copy(ap + i * n * n, ap + (i + 1) * n * n, vi);
+    if (gram) {
+      scipy_cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, m, 1.0f, ap + i * m * n, n, 0.0f, vi, n);
+    } else {
+      std::copy(ap + i * n * n, ap + (i + 1) * n * n, vi);
+    }
     if (scipy_LAPACKE_ssyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, vi, n, wi) != 0) {
       std::fill(vi, vi + n * n, NAN);
       std::fill(wi, wi + n, NAN);
@@ -432,7 +437,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrEigh, Eigh,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("gram"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrPolar, Polar,
                               ffi::Ffi::Bind()

@@ -104,11 +104,13 @@ def test_dense_gelu_matches_xla_with_gradients():
 def test_eigh_matches_jax_on_batches_and_under_vmap():
     """Batched symmetric eigendecomposition (TSV-M's per-task Gram matrices): eigenvalues as
     jnp.linalg.eigh's, eigenvectors orthonormal and reconstructing the input, any leading batch
-    dims, and vmapped (the merge driver vmaps over weights)."""
+    dims, vmapped (the merge driver vmaps over weights), and of a Gram matrix it forms itself."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 40, 40), dtype=np.float32)
     gram = jnp.asarray(x @ np.swapaxes(x, -1, -2))
-    for w, v in (cpu_kernels.eigh(gram), jax.jit(jax.vmap(cpu_kernels.eigh))(gram)):
+    results = [cpu_kernels.eigh(gram), jax.jit(jax.vmap(cpu_kernels.eigh))(gram),
+               cpu_kernels.eigh(jnp.asarray(np.swapaxes(x, -1, -2)), gram=True)]  # x x^T from its transpose
+    for w, v in results:
         assert w.shape == (2, 3, 40) and v.shape == (2, 3, 40, 40)
         np.testing.assert_allclose(w, jnp.linalg.eigh(gram)[0], rtol=1e-4, atol=1e-3)
         assert (np.diff(np.asarray(w), axis=-1) >= 0).all()  # ascending
