@@ -115,6 +115,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// out [rows, N] = A [rows, K] B [K, N] + bias [N], all row-major and contiguous.
+void BiasedProduct(int64_t rows, int64_t n, int64_t k, const float* a, const float* b, const float* bias, float* out) {
+  for (int64_t r = 0; r < rows; ++r) std::copy(bias, bias + n, out + r * n);
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, a, k, b, n, 1.0f, out, n);
+}
+
 // op(A) B + bias written head-major: A [M, K] holds `batch` sequences of T = M / batch rows, B is
 // [K, N] with N = G H D, and result g is [batch, H, T, D] (attention keys/values as decoding and
 // the attention kernels read them). Each sequence's rows are multiplied into a thread-local
@@ -152,9 +158,7 @@ ffi::Error MatmulHeads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
     thread_local std::vector<float> buffer;
     buffer.resize(rows * n);
     float* buf = buffer.data();
-    for (int64_t r = 0; r < rows; ++r) std::copy(biasp, biasp + n, buf + r * n);
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, ap + (seq * length + t0) * k, k,
-                      bp, n, 1.0f, buf, n);
+    BiasedProduct(rows, n, k, ap + (seq * length + t0) * k, bp, biasp, buf);
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t h = 0; h < heads; ++h) {
         float* out = dst[g] + ((seq * heads + h) * length + t0) * dim;
@@ -188,9 +192,7 @@ ffi::Error DenseGelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<
   ParallelFor(pool, (m + kRows - 1) / kRows, [=](int64_t i) {
     const int64_t start = i * kRows, rows = std::min(kRows, m - start);
     float* y = yp + start * n;
-    for (int64_t r = 0; r < rows; ++r) std::copy(biasp, biasp + n, y + r * n);
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, ap + start * k, k, bp, n, 1.0f, y,
-                      n);
+    BiasedProduct(rows, n, k, ap + start * k, bp, biasp, y);
     if (hp != nullptr) std::copy(y, y + rows * n, hp + start * n);
     const int64_t count = rows * n;
     for (int64_t j = 0; j < count; ++j) y[j] = 0.5f * y[j] * (1.0f + erff(y[j] * 0.70710678118654752f));
