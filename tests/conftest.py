@@ -174,3 +174,21 @@ def speech_records(speech_clips, tmp_path_factory: pytest.TempPathFactory) -> Pa
     write_shards(({"id": c.path.stem, "audio_bytes": c.path.read_bytes(), "text": c.text} for c in speech_clips),
                  out, num_shards=1)
     return out
+
+
+@pytest.fixture(params=["openblas", "mkl"])
+def each_blas(request):
+    """Runs a native-kernel test on each BLAS the kernels' sgemm can use (jaxasr.kernels.cpu),
+    restoring the default afterwards. MKL comes from the `mkl` extra (`make setup` installs it).
+    Parametrized indirectly with None: no native kernel in that case, nothing switched."""
+    from jaxasr.kernels import cpu
+
+    if request.param is None:
+        yield None
+        return
+    assert cpu.available(), "the native CPU kernels did not build here (see the logged warning)"
+    if request.param == "mkl" and cpu.mkl_library() is None:
+        pytest.skip("the mkl wheel is not installed (pip install -e '.[mkl]')")
+    previous = cpu.use_blas(request.param)
+    yield request.param
+    cpu.use_blas(previous)

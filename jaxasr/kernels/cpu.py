@@ -1,4 +1,4 @@
-"""Native float32 kernels for XLA:CPU through `jax.ffi`: an OpenBLAS matmul, and attention.
+"""Native float32 kernels for XLA:CPU through `jax.ffi`: BLAS matmuls, attention, batched LAPACK.
 
 Why: on this project's CPU, XLA:CPU's fp32 matmuls run at about half the speed of OpenBLAS's
 sgemm on the models' shapes (tools/bench_transcribe.py, tools/bench_train.py), and XLA cannot
@@ -8,6 +8,11 @@ OpenBLAS made to be built against), for this machine's CPU, and cached. The mode
 kernels only where they apply (`applies`): float32, the CPU backend, a single device (they carry
 no sharding rule). Anywhere else, or when the build fails (a warning says why), XLA's own ops run.
 `JAXASR_CPU_KERNELS=0` turns them off.
+
+The sgemm under every kernel is MKL's (sequential) when the `mkl` wheel is installed (the `mkl`
+extra; `make setup` installs it on x86-64 Linux), else OpenBLAS's: MKL's ran 1.07-1.33x
+OpenBLAS's per core on the models' shapes here (AVX-512 Xeon). `JAXASR_BLAS=openblas` keeps
+OpenBLAS; `use_blas` switches at run time (compiled programs pick it up on their next call).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
-# Fewer rows (decoding, the decoder's training batch) stay with XLA, which was as fast or faster
-# there: e.g. [512, 384] x [384, 1536] in 2.3-2.6 ms vs 2.7-3.7 natively.
-MIN_ROWS = 1024
+# Matmuls of fewer rows (decoding; on OpenBLAS also the decoder's training batch) stay with XLA,
+# which was as fast or faster there: e.g. [512, 384] x [384, 1536] in 2.3-2.6 ms vs 2.7-3.7 on
+# OpenBLAS. MKL's sgemm was 1.0-1.4x XLA's from 256 rows up (whisper tiny's decoder shapes).
+MIN_ROWS = {"mkl": 256, "openblas": 1024}
 
 
 def cache_dir() -> Path:
@@ -69,7 +75,7 @@ def _build(compiler: str) -> Path:
         pass
     cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}", str(SOURCE),
            "-o", tmp.name, f"-L{openblas.get_lib_dir()}", f"-l{openblas.get_library()}",
-           f"-Wl,-rpath,{openblas.get_lib_dir()}"]
+           f"-Wl,-rpath,{openblas.get_lib_dir()}", "-ldl"]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
@@ -79,6 +85,60 @@ def _build(compiler: str) -> Path:
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
     return out
+
+
+def mkl_library() -> Path | None:
+    """MKL's runtime library from the `mkl` wheel, when installed."""
+    try:
+        files = metadata.files("mkl") or []
+    except metadata.PackageNotFoundError:
+        return None
+    found = sorted(f for f in files if f.name.startswith("libmkl_rt.so"))
+    return Path(found[-1].locate()).resolve() if found else None
+
+
+_blas = "openblas"
+
+
+def blas() -> str:
+    """The BLAS the kernels' sgemm runs now: "mkl" or "openblas"."""
+    return _blas if available() else "none"
+
+
+def min_rows() -> int:
+    """The fewest rows a matmul needs to go to the native kernels (on the BLAS in use)."""
+    return MIN_ROWS.get(blas(), MIN_ROWS["openblas"])
+
+
+def use_blas(name: str) -> str:
+    """Route the kernels' sgemm to `name` ("mkl" or "openblas"); returns the previous choice.
+    Raises when MKL is asked for and cannot be loaded."""
+    _require()
+    previous = _blas
+    _switch_blas(name)
+    return previous
+
+
+def _switch_blas(name: str) -> None:
+    global _blas
+    lib = _library()
+    if name == "openblas":
+        lib.JaxasrUseMkl(None)
+    elif name == "mkl":
+        path = mkl_library()
+        if path is None or not lib.JaxasrUseMkl(str(path).encode()):
+            raise RuntimeError(f"MKL could not be loaded ({path or 'the mkl wheel is not installed'})")
+    else:
+        raise ValueError(f"unknown BLAS {name!r}: expected 'mkl' or 'openblas'")
+    _blas = name
+
+
+_handle: ctypes.CDLL | None = None
+
+
+def _library() -> ctypes.CDLL:
+    assert _handle is not None
+    return _handle
 
 
 @functools.cache
@@ -96,7 +156,16 @@ def available() -> bool:
     except Exception as e:  # noqa: BLE001: any build or load failure means "use XLA's ops"
         log.warning("jaxasr CPU kernels could not be built, using XLA's ops: %s", e)
         return False
+    global _handle
+    _handle = lib
     lib.JaxasrSingleThreadedBlas()
+    lib.JaxasrUseMkl.argtypes = [ctypes.c_char_p]
+    wanted = os.environ.get("JAXASR_BLAS", "mkl")
+    if wanted == "mkl" and mkl_library() is not None:
+        try:
+            _switch_blas("mkl")
+        except RuntimeError as e:
+            log.warning("jaxasr CPU kernels: %s; using OpenBLAS", e)
     jax.ffi.register_ffi_target("jaxasr_matmul", jax.ffi.pycapsule(lib.JaxasrMatmul), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_matmul_heads", jax.ffi.pycapsule(lib.JaxasrMatmulHeads), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_dense_gelu", jax.ffi.pycapsule(lib.JaxasrDenseGelu), platform="cpu")
@@ -146,6 +215,26 @@ def _matmul_bwd(residuals, g):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def matmul_nt(a, b):
+    """a [M, K] @ b[N, K]^T with b read in place (a tied output projection against its embedding
+    table), differentiable: g b and g^T a, neither transpose copied (XLA writes a transposed
+    [N, M] copy of g for the table's gradient)."""
+    return product(a, b, trans_b=True)
+
+
+def _matmul_nt_fwd(a, b):
+    return matmul_nt(a, b), (a, b)
+
+
+def _matmul_nt_bwd(residuals, g):
+    a, b = residuals
+    return product(g, b), product(g, a, trans_a=True)
+
+
+matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

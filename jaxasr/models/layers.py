@@ -90,8 +90,8 @@ class Dense(nnx.Module):
 
 
 def _native(x: jax.Array, kernel: jax.Array, n_in: int) -> bool:
-    """Whether x @ kernel goes to the native CPU matmul: only encoder-sized ones (see MIN_ROWS)."""
-    return math.prod(x.shape[:x.ndim - n_in]) >= cpu_kernels.MIN_ROWS and cpu_kernels.applies(x, kernel)
+    """Whether x @ kernel goes to the native CPU matmul: only large ones (see MIN_ROWS)."""
+    return cpu_kernels.applies(x, kernel) and math.prod(x.shape[:x.ndim - n_in]) >= cpu_kernels.min_rows()
 
 
 def _native_matmul(x: jax.Array, kernels: list[jax.Array], n_in: int) -> list[jax.Array]:
@@ -204,6 +204,9 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        # XLA's own matmul even where the native CPU kernels apply: against the transposed table
-        # they were slower (e.g. 143 vs 106 ms for 512 rows of whisper's 51865-word vocabulary).
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        table = self.embedding[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        # Natively on MKL's sgemm only: OpenBLAS's was slower than XLA's here (143 vs 106 ms).
+        if cpu_kernels.blas() == "mkl" and _native(x, table, 1):
+            return cpu_kernels.matmul_nt(x.reshape(-1, x.shape[-1]), table).reshape(*x.shape[:-1], -1)
+        return jnp.einsum("...d,vd->...v", x, table)

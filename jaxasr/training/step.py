@@ -79,7 +79,10 @@ def token_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoo
     tokens = mask.sum()
     denom = jnp.maximum(tokens, 1.0)
     loss = (per_token * mask).sum() / denom
-    correct = ((jnp.argmax(logits, -1) == labels) * mask).sum()
+    # Top-1 as "the label's logit is the largest" (a tie counts as correct): a max, which XLA shares
+    # with the loss's log-sum-exp, instead of an argmax pass over [tokens, vocab] of its own.
+    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    correct = ((label_logits >= logits.max(-1)) * mask).sum()
     return loss, {"loss": loss, "nll": (nll * mask).sum() / denom, "accuracy": correct / denom, "tokens": tokens}
 
 

@@ -5,6 +5,7 @@ cannot be built."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,11 @@ from tests.subprocesses import start_python
 def test_built_on_this_machine():
     # Every other test of the native path would pass through XLA's ops if the build failed.
     assert cpu_kernels.available(), "the native CPU kernels did not build (see the logged warning)"
+    # MKL's sgemm by default wherever the mkl extra is installed (JAXASR_BLAS unset here).
+    assert cpu_kernels.blas() == ("mkl" if cpu_kernels.mkl_library() else "openblas")
 
 
-def test_matmul_and_its_gradients_match_xla():
+def test_matmul_and_its_gradients_match_xla(each_blas):
     rng = np.random.default_rng(0)
     # 301 x 50: row blocks of uneven size; 20 x 300: blocks of columns (C wider than tall)
     for m, k, n in [(301, 70, 50), (20, 33, 300)]:
@@ -37,7 +40,34 @@ def test_matmul_and_its_gradients_match_xla():
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
 
 
-def test_product_reads_transposes_in_place():
+def test_tied_output_projection_reads_the_table_in_place(each_blas):
+    """Embed.attend: x @ table^T as `matmul_nt` on MKL (values and both gradients equal XLA's
+    einsum), XLA's einsum on OpenBLAS."""
+    from jaxasr.models.layers import Embed
+
+    rng = np.random.default_rng(5)
+    embed = Embed(1000, 24, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((2, cpu_kernels.min_rows() + 13, 24), dtype=np.float32))
+    weights = jnp.asarray(rng.standard_normal(x.shape[:2] + (1000,), dtype=np.float32))
+    table = embed.embedding[...]
+
+    def attend(x, table):  # Embed.attend with the table as an argument, to differentiate
+        return Embed.attend(SimpleNamespace(embedding=table, dtype=jnp.float32), x)
+
+    assert _custom_calls(attend, x, table) == (1 if each_blas == "mkl" else 0)
+    reference = lambda x, table: jnp.einsum("btd,vd->btv", x, table)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(attend)(x, table), reference(x, table), rtol=1e-5, atol=1e-5)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda x, t: jnp.sum(jnp.tanh(f(x, t)) * weights), argnums=(0, 1)))(x, table)
+
+    for name, got, expected in zip(["x", "table"], grads(attend), grads(reference)):
+        # the table's gradient sums over ~550 rows: float32 rounding ~1e-5 of its largest entries
+        atol = 1e-5 * float(jnp.abs(expected).max())
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=atol, err_msg=f"d{name}")
+
+
+def test_product_reads_transposes_in_place(each_blas):
     """op(a) @ op(b) for every transpose combination, on the three ways the kernel splits work:
     row blocks, column blocks, and the contraction (a small product of long operands, as weight
     gradients are: there one partial product per thread, summed)."""
@@ -65,7 +95,7 @@ def test_dense_heads_together_writes_head_major_with_bias_and_gradients():
                 + (0 if layer.bias is None else layer.bias[...][None, :, None, :]) for layer in layers]
 
     for batch in (1, 3):
-        x = jnp.asarray(rng.standard_normal((batch, cpu_kernels.MIN_ROWS + 77, 32), dtype=np.float32))
+        x = jnp.asarray(rng.standard_normal((batch, cpu_kernels.min_rows() + 77, 32), dtype=np.float32))
         assert _custom_calls(lambda x: dense_heads_together(layers, x), x, name="jaxasr_matmul_heads") == 1
         for got, expected in zip(dense_heads_together(layers, x), reference(layers, x)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -85,14 +115,14 @@ def test_dense_gelu_matches_xla_with_gradients():
     rng = np.random.default_rng(4)
     layer = Dense((48,), (200,), ("embed", "mlp"), rngs=nnx.Rngs(0))
     layer.bias[...] = jnp.asarray(rng.standard_normal(200, dtype=np.float32))
-    x = jnp.asarray(2 * rng.standard_normal((2, cpu_kernels.MIN_ROWS + 77, 48), dtype=np.float32))
+    x = jnp.asarray(2 * rng.standard_normal((2, cpu_kernels.min_rows() + 77, 48), dtype=np.float32))
     assert _custom_calls(lambda x: dense_gelu(layer, x), x, name="jaxasr_dense_gelu") == 1
 
     def reference(layer, x):
         return jax.nn.gelu(jnp.einsum("btd,df->btf", x, layer.kernel[...]) + layer.bias[...], approximate=False)
 
     np.testing.assert_allclose(dense_gelu(layer, x), reference(layer, x), rtol=1e-5, atol=1e-5)
-    weights = jnp.asarray(rng.standard_normal((2, cpu_kernels.MIN_ROWS + 77, 200), dtype=np.float32))
+    weights = jnp.asarray(rng.standard_normal((2, cpu_kernels.min_rows() + 77, 200), dtype=np.float32))
 
     def grads(f):
         return jax.tree.leaves(nnx.grad(lambda layer, x: jnp.sum(f(layer, x) * weights), argnums=(0, 1))(layer, x))
@@ -149,8 +179,8 @@ def _custom_calls(fn, *args, name: str = "jaxasr_matmul") -> int:
 
 def test_layers_use_the_kernel_where_it_applies():
     dense = Dense((16,), (4, 8), ("embed", "heads", "kv"), rngs=nnx.Rngs(0))  # a multi-dim output
-    big = jnp.ones((2, cpu_kernels.MIN_ROWS, 16), jnp.float32)
-    small = big[:, :cpu_kernels.MIN_ROWS // 4]
+    big = jnp.ones((2, cpu_kernels.min_rows(), 16), jnp.float32)
+    small = big[:, :cpu_kernels.min_rows() // 4]
     assert _custom_calls(lambda x: dense(x), big) == 1
     assert _custom_calls(lambda x: dense(x), small) == 0  # decoding steps: too few rows
     bf16 = Dense((16,), (4, 8), ("embed", "heads", "kv"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -169,17 +199,18 @@ from flax import nnx
 from jaxasr.kernels import cpu
 from jaxasr.models.layers import Dense
 dense = Dense((8,), (8,), ("embed", "mlp"), rngs=nnx.Rngs(0))
-y = dense(jnp.ones((2, cpu.MIN_ROWS, 8)))
-print(json.dumps({"available": cpu.available(), "finite": bool(jnp.isfinite(y).all())}))
+y = dense(jnp.ones((2, cpu.min_rows(), 8)))
+print(json.dumps({"available": cpu.available(), "finite": bool(jnp.isfinite(y).all()), "blas": cpu.blas()}))
 """
 
 
 def test_builds_from_scratch(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXASR_KERNEL_CACHE", str(tmp_path))  # an empty cache: a fresh machine
+    monkeypatch.setenv("JAXASR_BLAS", "openblas")  # the switch away from MKL's default
     proc = start_python(["-c", _DENSE_LAYER_IN_A_FRESH_PROCESS])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert json.loads(out.splitlines()[-1]) == {"available": True, "finite": True}
+    assert json.loads(out.splitlines()[-1]) == {"available": True, "finite": True, "blas": "openblas"}
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # the library, no leftovers
 
 
@@ -189,7 +220,7 @@ def test_a_failed_build_falls_back_to_xla(tmp_path, monkeypatch):
     proc = start_python(["-c", _DENSE_LAYER_IN_A_FRESH_PROCESS])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert json.loads(out.splitlines()[-1]) == {"available": False, "finite": True}
+    assert json.loads(out.splitlines()[-1]) == {"available": False, "finite": True, "blas": "none"}
     assert "could not be built, using XLA's ops" in err
     assert not list(tmp_path.iterdir())  # no half-written library left behind
 
@@ -205,12 +236,12 @@ def test_dense_together_is_one_matmul_of_plain_layers_only():
             return super().__call__(x) + 1.0
 
     shifted = Shifted((16,), (24,), ("embed", "mlp"), rngs=rngs)
-    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, cpu_kernels.MIN_ROWS, 16), dtype=np.float32))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, cpu_kernels.min_rows(), 16), dtype=np.float32))
     for layers, calls in [([q, k, mlp], 1), ([q, k, shifted], 3)]:
         assert _custom_calls(lambda x: dense_together(layers, x), x) == calls
         for got, layer in zip(dense_together(layers, x), layers):
             np.testing.assert_allclose(got, layer(x), rtol=1e-6, atol=1e-6)
-    small = x[:, :8]  # below MIN_ROWS: XLA, one dot each
+    small = x[:, :8]  # below min_rows(): XLA, one dot each
     assert _custom_calls(lambda x: dense_together([q, k], x), small) == 0
 
 

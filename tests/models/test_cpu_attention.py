@@ -7,18 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxasr.kernels import cpu as cpu_kernels
 from jaxasr.models import cpu_attention
 
 
-@pytest.mark.parametrize("kernel", [cpu_attention.per_head_attention, cpu_attention.blocked_attention,
-                                    cpu_attention.native_attention])
+@pytest.mark.parametrize("kernel, each_blas", [
+    (cpu_attention.per_head_attention, None), (cpu_attention.blocked_attention, None),
+    (cpu_attention.native_attention, "openblas"), (cpu_attention.native_attention, "mkl"),
+], indirect=["each_blas"])
 # 800: a short last query block (padded in blocked_attention); 3 heads: one head per step in
 # per_head_attention, 4 heads: two per step; native_attention: 256 queries a block, 800 = 3 x 256 + 32
 @pytest.mark.parametrize("length, batch, heads", [(800, 1, 3), (1500, 2, 3), (800, 2, 4)])
-def test_kernels_match_xla(kernel, length, batch, heads):
-    if kernel is cpu_attention.native_attention:
-        assert cpu_kernels.available(), "the native CPU kernels did not build here (see the warning)"
+def test_kernels_match_xla(kernel, each_blas, length, batch, heads):
     rng = np.random.default_rng(length + heads)
     q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, 16), dtype=np.float32)) for _ in range(3))
     scale = 16 ** -0.5

@@ -44,3 +44,14 @@ def test_low_precision_logits_get_a_gradient_of_their_dtype():
     assert grad.dtype == jnp.bfloat16
     reference = jax.grad(lambda x: _reference(x, labels, jnp.ones((2, 4)), 0.0)[0])(logits)
     np.testing.assert_allclose(grad.astype(np.float32), reference.astype(np.float32), atol=1e-2)
+
+
+def test_accuracy_counts_masked_tokens_whose_label_has_the_top_logit():
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.standard_normal((4, 6, 50)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 50, (4, 6)), jnp.int32)
+    labels = labels.at[0].set(jnp.argmax(logits[0], -1))  # a row of right answers among random ones
+    mask = jnp.asarray(rng.random((4, 6)) > 0.25, jnp.float32)
+    expected = ((np.argmax(logits, -1) == labels) * mask).sum() / mask.sum()
+    assert 0 < expected < 1
+    np.testing.assert_allclose(token_loss(logits, labels, mask)[1]["accuracy"], expected, rtol=1e-6)
