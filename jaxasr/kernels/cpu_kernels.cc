@@ -4,7 +4,9 @@
 //   sgemm, blocks of C (or of the contraction) split over XLA's intra-op thread pool (the BLAS
 //   itself runs single-threaded, so the two pools never compete).
 // - jaxasr_matmul_heads: A B + bias written head-major, one [B, H, T, D] result per key/value group.
-// - jaxasr_dense_gelu: gelu(A B + bias), the GELU applied to each block of rows while in cache.
+// - jaxasr_dense_gelu: gelu(A B + bias), the GELU applied to each block of rows while in cache;
+//   jaxasr_gelu_grad: its backward's elementwise part and bias gradient in one pass.
+// - jaxasr_cross_entropy(_grad): a token loss's per-row statistics and its gradient, a row at a time.
 // - jaxasr_eigh, jaxasr_polar: batched symmetric eigendecomposition (ssyevd) and polar factors
 //   (via the Gram matrix where well conditioned, else sgesdd), a matrix per pool task.
 // - jaxasr_attention: unmasked softmax(Q K^T) V per (batch, head), a block of queries at a time
@@ -212,6 +214,95 @@ ffi::Error DenseGelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<
     if (hp != nullptr) std::copy(y, y + rows * n, hp + start * n);
     const int64_t count = rows * n;
     for (int64_t j = 0; j < count; ++j) y[j] = 0.5f * y[j] * (1.0f + erff(y[j] * 0.70710678118654752f));
+  });
+  return ffi::Error::Success();
+}
+
+// The backward of exact GELU from its input: d_pre = g * (Phi(x) + x phi(x)), and the bias
+// gradient (column sums of d_pre) from per-block partial sums added in block order, so the result
+// does not depend on which thread took which block.
+ffi::Error GeluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> pre,
+                    ffi::ResultBuffer<ffi::F32> d_pre, ffi::ResultBuffer<ffi::F32> d_bias) {
+  auto gd = g.dimensions();
+  if (gd.size() != 2 || pre.element_count() != g.element_count() || d_bias->element_count() != gd[1])
+    return ffi::Error::InvalidArgument("jaxasr_gelu_grad: g and pre [M, N]; results [M, N] and [N]");
+  const int64_t m = gd[0], n = gd[1];
+  constexpr int64_t kRows = 256;
+  const int64_t blocks = (m + kRows - 1) / kRows;
+  std::vector<float> partial(blocks * n);
+  const float *gp = g.typed_data(), *xp = pre.typed_data();
+  float *dp = d_pre->typed_data(), *sums = partial.data();
+  ParallelFor(pool, blocks, [=](int64_t i) {
+    const int64_t start = i * kRows, rows = std::min(kRows, m - start);
+    float* sum = sums + i * n;
+    std::fill(sum, sum + n, 0.0f);
+    for (int64_t r = start; r < start + rows; ++r) {
+      const float *gr = gp + r * n, *xr = xp + r * n;
+      float* dr = dp + r * n;
+      for (int64_t c = 0; c < n; ++c) {
+        const float x = xr[c];
+        const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
+        dr[c] = gr[c] * (cdf + x * pdf);
+        sum[c] += dr[c];
+      }
+    }
+  });
+  float* db = d_bias->typed_data();
+  std::copy(sums, sums + n, db);
+  for (int64_t i = 1; i < blocks; ++i)
+    for (int64_t c = 0; c < n; ++c) db[c] += sums[i * n + c];
+  return ffi::Error::Success();
+}
+
+// Token cross-entropy statistics of logits [N, V] against labels [N], a row per task item while it
+// is in cache: the log-sum-exp, the label's logit, whether that logit is the row's largest (top-1
+// accuracy, a tie counting as correct) and the row's mean (label smoothing).
+ffi::Error CrossEntropy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> labels,
+                        ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> label_logit,
+                        ffi::ResultBuffer<ffi::F32> correct, ffi::ResultBuffer<ffi::F32> mean) {
+  auto d = logits.dimensions();
+  if (d.size() != 2 || labels.element_count() != d[0])
+    return ffi::Error::InvalidArgument("jaxasr_cross_entropy: logits [N, V], labels [N]");
+  const int64_t n = d[0], v = d[1];
+  const float* xp = logits.typed_data();
+  const int32_t* lp = labels.typed_data();
+  float *lsep = lse->typed_data(), *labp = label_logit->typed_data(), *cp = correct->typed_data();
+  float* mp = mean->typed_data();
+  ParallelFor(pool, n, [=](int64_t r) {
+    const float* x = xp + r * v;
+    float top = x[0], total = 0.0f;
+    for (int64_t j = 0; j < v; ++j) {
+      top = std::max(top, x[j]);
+      total += x[j];
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < v; ++j) sum += expf(x[j] - top);
+    const int32_t label = std::clamp<int32_t>(lp[r], 0, static_cast<int32_t>(v - 1));
+    lsep[r] = top + logf(sum);
+    labp[r] = x[label];
+    cp[r] = x[label] >= top ? 1.0f : 0.0f;
+    mp[r] = total / static_cast<float>(v);
+  });
+  return ffi::Error::Success();
+}
+
+// Its gradient: a (softmax - one-hot) + b (softmax - 1/V) per row, written in one pass.
+ffi::Error CrossEntropyGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> labels,
+                            ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                            ffi::ResultBuffer<ffi::F32> grad) {
+  auto d = logits.dimensions();
+  if (d.size() != 2 || labels.element_count() != d[0] || lse.element_count() != d[0])
+    return ffi::Error::InvalidArgument("jaxasr_cross_entropy_grad: logits [N, V], labels, lse, a, b [N]");
+  const int64_t n = d[0], v = d[1];
+  const float *xp = logits.typed_data(), *lsep = lse.typed_data(), *ap = a.typed_data(), *bp = b.typed_data();
+  const int32_t* lp = labels.typed_data();
+  float* gp = grad->typed_data();
+  ParallelFor(pool, n, [=](int64_t r) {
+    const float *x = xp + r * v, m = lsep[r], scale = ap[r] + bp[r], shift = bp[r] / static_cast<float>(v);
+    float* g = gp + r * v;
+    for (int64_t j = 0; j < v; ++j) g[j] = scale * expf(x[j] - m) - shift;
+    g[std::clamp<int32_t>(lp[r], 0, static_cast<int32_t>(v - 1))] -= ap[r];
   });
   return ffi::Error::Success();
 }
@@ -427,6 +518,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrDenseGelu, DenseGelu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrGeluGrad, GeluGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrCrossEntropy, CrossEntropy,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrCrossEntropyGrad, CrossEntropyGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrAttention, Attention,
                               ffi::Ffi::Bind()

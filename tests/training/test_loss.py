@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxasr.kernels import cpu as cpu_kernels
 from jaxasr.training.step import token_loss
 
 
@@ -17,11 +18,19 @@ def _reference(logits, labels, mask, label_smoothing):
     return (per_token * mask).sum() / denom, (nll * mask).sum() / denom
 
 
+def _native_calls(fn, *args) -> int:
+    """How many of the native cross-entropy kernels the compiled fn calls."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return text.count('custom_call_target="jaxasr_cross_entropy')
+
+
+# 97 words: XLA's ops; 1500: the native CPU kernels (from 1024 words, where they apply)
+@pytest.mark.parametrize("vocab", [97, 1500])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_loss_and_gradient_match_autodiff(label_smoothing):
+def test_loss_and_gradient_match_autodiff(label_smoothing, vocab):
     rng = np.random.default_rng(0)
-    logits = jnp.asarray(4 * rng.standard_normal((3, 5, 97)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 97, (3, 5)), jnp.int32)
+    logits = jnp.asarray(4 * rng.standard_normal((3, 5, vocab)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, vocab, (3, 5)), jnp.int32)
     mask = jnp.asarray(rng.random((3, 5)) > 0.3, jnp.float32)
 
     def ours(x):  # the loss and the reported NLL both carry gradient here, to check both cotangents
@@ -32,6 +41,8 @@ def test_loss_and_gradient_match_autodiff(label_smoothing):
         loss, nll = _reference(x, labels, mask, label_smoothing)
         return loss + 0.5 * nll
 
+    native = cpu_kernels.applies(logits) and vocab >= 1024
+    assert _native_calls(jax.grad(ours), logits) == (2 if native else 0)  # forward and gradient
     np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(jax.grad(ours)(logits)).max()) > 1e-3  # a real gradient, not zeros
@@ -46,10 +57,11 @@ def test_low_precision_logits_get_a_gradient_of_their_dtype():
     np.testing.assert_allclose(grad.astype(np.float32), reference.astype(np.float32), atol=1e-2)
 
 
-def test_accuracy_counts_masked_tokens_whose_label_has_the_top_logit():
+@pytest.mark.parametrize("vocab", [50, 1500])
+def test_accuracy_counts_masked_tokens_whose_label_has_the_top_logit(vocab):
     rng = np.random.default_rng(2)
-    logits = jnp.asarray(rng.standard_normal((4, 6, 50)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 50, (4, 6)), jnp.int32)
+    logits = jnp.asarray(rng.standard_normal((4, 6, vocab)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, vocab, (4, 6)), jnp.int32)
     labels = labels.at[0].set(jnp.argmax(logits[0], -1))  # a row of right answers among random ones
     mask = jnp.asarray(rng.random((4, 6)) > 0.25, jnp.float32)
     expected = ((np.argmax(logits, -1) == labels) * mask).sum() / mask.sum()
