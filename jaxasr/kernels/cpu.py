@@ -12,7 +12,9 @@ no sharding rule). Anywhere else, or when the build fails (a warning says why), 
 The sgemm under every kernel is MKL's (sequential) when the `mkl` wheel is installed (the `mkl`
 extra; `make setup` installs it on x86-64 Linux), else OpenBLAS's: MKL's ran 1.07-1.33x
 OpenBLAS's per core on the models' shapes here (AVX-512 Xeon). `JAXASR_BLAS=openblas` keeps
-OpenBLAS; `use_blas` switches at run time (compiled programs pick it up on their next call).
+OpenBLAS; `use_blas` switches at run time: compiled programs run the new sgemm on their next
+call, but which matmuls go native (`min_rows`, the tied output projection) was fixed when they
+were traced.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def _build(compiler: str) -> Path:
     return out
 
 
+@functools.cache
 def mkl_library() -> Path | None:
     """MKL's runtime library from the `mkl` wheel, when installed."""
     try:
@@ -97,12 +100,14 @@ def mkl_library() -> Path | None:
     return Path(found[-1].locate()).resolve() if found else None
 
 
-_blas = "openblas"
+BLAS_NAMES = ("mkl", "openblas")
 
 
 def blas() -> str:
-    """The BLAS the kernels' sgemm runs now: "mkl" or "openblas"."""
-    return _blas if available() else "none"
+    """The BLAS the kernels' sgemm runs now: "mkl" or "openblas" ("none" without the kernels)."""
+    if not available():
+        return "none"
+    return "mkl" if _handle.JaxasrUsingMkl() else "openblas"
 
 
 def min_rows() -> int:
@@ -114,14 +119,12 @@ def use_blas(name: str) -> str:
     """Route the kernels' sgemm to `name` ("mkl" or "openblas"); returns the previous choice.
     Raises when MKL is asked for and cannot be loaded."""
     _require()
-    previous = _blas
-    _switch_blas(name)
+    previous = blas()
+    _switch_blas(_handle, name)
     return previous
 
 
-def _switch_blas(name: str) -> None:
-    global _blas
-    lib = _library()
+def _switch_blas(lib: ctypes.CDLL, name: str) -> None:
     if name == "openblas":
         lib.JaxasrUseMkl(None)
     elif name == "mkl":
@@ -129,16 +132,10 @@ def _switch_blas(name: str) -> None:
         if path is None or not lib.JaxasrUseMkl(str(path).encode()):
             raise RuntimeError(f"MKL could not be loaded ({path or 'the mkl wheel is not installed'})")
     else:
-        raise ValueError(f"unknown BLAS {name!r}: expected 'mkl' or 'openblas'")
-    _blas = name
+        raise ValueError(f"unknown BLAS {name!r}: expected one of {BLAS_NAMES}")
 
 
-_handle: ctypes.CDLL | None = None
-
-
-def _library() -> ctypes.CDLL:
-    assert _handle is not None
-    return _handle
+_handle: ctypes.CDLL | None = None  # the loaded kernels, once `available()` has built them
 
 
 @functools.cache
@@ -156,16 +153,18 @@ def available() -> bool:
     except Exception as e:  # noqa: BLE001: any build or load failure means "use XLA's ops"
         log.warning("jaxasr CPU kernels could not be built, using XLA's ops: %s", e)
         return False
-    global _handle
-    _handle = lib
     lib.JaxasrSingleThreadedBlas()
     lib.JaxasrUseMkl.argtypes = [ctypes.c_char_p]
     wanted = os.environ.get("JAXASR_BLAS", "mkl")
-    if wanted == "mkl" and mkl_library() is not None:
+    if wanted not in BLAS_NAMES:
+        log.warning("JAXASR_BLAS=%r is not one of %s; the kernels use OpenBLAS", wanted, BLAS_NAMES)
+    elif wanted == "mkl" and mkl_library() is not None:
         try:
-            _switch_blas("mkl")
+            _switch_blas(lib, "mkl")
         except RuntimeError as e:
             log.warning("jaxasr CPU kernels: %s; using OpenBLAS", e)
+    global _handle
+    _handle = lib
     jax.ffi.register_ffi_target("jaxasr_matmul", jax.ffi.pycapsule(lib.JaxasrMatmul), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_matmul_heads", jax.ffi.pycapsule(lib.JaxasrMatmulHeads), platform="cpu")
     jax.ffi.register_ffi_target("jaxasr_dense_gelu", jax.ffi.pycapsule(lib.JaxasrDenseGelu), platform="cpu")

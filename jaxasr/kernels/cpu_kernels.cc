@@ -24,8 +24,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <dlfcn.h>
 #include <cstdint>
+#include <dlfcn.h>
 #include <functional>
 #include <memory>
 #include <thread>
@@ -585,6 +585,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxasrPolar, Polar,
 
 // OpenBLAS's own threads would compete with XLA's pool, which the kernels above already use.
 extern "C" void JaxasrSingleThreadedBlas() { scipy_openblas_set_num_threads(1); }
+
+// 1 when sgemm runs MKL's, 0 when OpenBLAS's.
+extern "C" int JaxasrUsingMkl() { return g_sgemm.load() != &scipy_cblas_sgemm; }
 
 // Route sgemm to MKL's runtime library at `path` (sequential threading layer), or back to
 // OpenBLAS when path is null. Returns 1 on success, 0 (OpenBLAS kept) when MKL cannot be loaded.

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxasr.kernels import cpu as cpu_kernels
 from jaxasr.models.layers import Dense, dense_gelu, dense_heads_together, dense_together
+from tests.custom_calls import custom_calls
 from tests.subprocesses import start_python
 
 
@@ -54,7 +55,7 @@ def test_tied_output_projection_reads_the_table_in_place(each_blas):
     def attend(x, table):  # Embed.attend with the table as an argument, to differentiate
         return Embed.attend(SimpleNamespace(embedding=table, dtype=jnp.float32), x)
 
-    assert _custom_calls(attend, x, table) == (1 if each_blas == "mkl" else 0)
+    assert custom_calls(attend, x, table) == (1 if each_blas == "mkl" else 0)
     reference = lambda x, table: jnp.einsum("btd,vd->btv", x, table)  # noqa: E731
     np.testing.assert_allclose(jax.jit(attend)(x, table), reference(x, table), rtol=1e-5, atol=1e-5)
 
@@ -96,7 +97,7 @@ def test_dense_heads_together_writes_head_major_with_bias_and_gradients():
 
     for batch in (1, 3):
         x = jnp.asarray(rng.standard_normal((batch, cpu_kernels.min_rows() + 77, 32), dtype=np.float32))
-        assert _custom_calls(lambda x: dense_heads_together(layers, x), x, name="jaxasr_matmul_heads") == 1
+        assert custom_calls(lambda x: dense_heads_together(layers, x), x, name="jaxasr_matmul_heads") == 1
         for got, expected in zip(dense_heads_together(layers, x), reference(layers, x)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         weights = [jnp.asarray(rng.standard_normal(y.shape, dtype=np.float32)) for y in reference(layers, x)]
@@ -116,7 +117,7 @@ def test_dense_gelu_matches_xla_with_gradients():
     layer = Dense((48,), (200,), ("embed", "mlp"), rngs=nnx.Rngs(0))
     layer.bias[...] = jnp.asarray(rng.standard_normal(200, dtype=np.float32))
     x = jnp.asarray(2 * rng.standard_normal((2, cpu_kernels.min_rows() + 77, 48), dtype=np.float32))
-    assert _custom_calls(lambda x: dense_gelu(layer, x), x, name="jaxasr_dense_gelu") == 1
+    assert custom_calls(lambda x: dense_gelu(layer, x), x, name="jaxasr_dense_gelu") == 1
 
     def reference(layer, x):
         return jax.nn.gelu(jnp.einsum("btd,df->btf", x, layer.kernel[...]) + layer.bias[...], approximate=False)
@@ -173,18 +174,14 @@ def test_polar_matches_the_svd_route_on_every_path():
     np.testing.assert_allclose(got @ got.T @ deficient[0], deficient[0], atol=1e-4)
 
 
-def _custom_calls(fn, *args, name: str = "jaxasr_matmul") -> int:
-    return jax.jit(fn).lower(*args).as_text().count(f"@{name}(")
-
-
 def test_layers_use_the_kernel_where_it_applies():
     dense = Dense((16,), (4, 8), ("embed", "heads", "kv"), rngs=nnx.Rngs(0))  # a multi-dim output
     big = jnp.ones((2, cpu_kernels.min_rows(), 16), jnp.float32)
     small = big[:, :cpu_kernels.min_rows() // 4]
-    assert _custom_calls(lambda x: dense(x), big) == 1
-    assert _custom_calls(lambda x: dense(x), small) == 0  # decoding steps: too few rows
+    assert custom_calls(lambda x: dense(x), big) == 1
+    assert custom_calls(lambda x: dense(x), small) == 0  # decoding steps: too few rows
     bf16 = Dense((16,), (4, 8), ("embed", "heads", "kv"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    assert _custom_calls(lambda x: bf16(x), big) == 0  # float32 compute only
+    assert custom_calls(lambda x: bf16(x), big) == 0  # float32 compute only
     x = jnp.asarray(np.random.default_rng(2).standard_normal(big.shape, dtype=np.float32))
     kernel = dense.kernel[...]
     np.testing.assert_allclose(dense(x), jnp.einsum("btd,dhk->bthk", x, kernel) + dense.bias[...],
@@ -214,6 +211,15 @@ def test_builds_from_scratch(tmp_path, monkeypatch):
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # the library, no leftovers
 
 
+def test_a_misspelled_blas_is_named_and_openblas_kept(monkeypatch):
+    monkeypatch.setenv("JAXASR_BLAS", "mkll")
+    proc = start_python(["-c", _DENSE_LAYER_IN_A_FRESH_PROCESS])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.splitlines()[-1])["blas"] == "openblas"
+    assert "JAXASR_BLAS='mkll' is not one of ('mkl', 'openblas')" in err
+
+
 def test_a_failed_build_falls_back_to_xla(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
     monkeypatch.setenv("JAXASR_KERNEL_CACHE", str(tmp_path))
@@ -238,11 +244,11 @@ def test_dense_together_is_one_matmul_of_plain_layers_only():
     shifted = Shifted((16,), (24,), ("embed", "mlp"), rngs=rngs)
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, cpu_kernels.min_rows(), 16), dtype=np.float32))
     for layers, calls in [([q, k, mlp], 1), ([q, k, shifted], 3)]:
-        assert _custom_calls(lambda x: dense_together(layers, x), x) == calls
+        assert custom_calls(lambda x: dense_together(layers, x), x) == calls
         for got, layer in zip(dense_together(layers, x), layers):
             np.testing.assert_allclose(got, layer(x), rtol=1e-6, atol=1e-6)
     small = x[:, :8]  # below min_rows(): XLA, one dot each
-    assert _custom_calls(lambda x: dense_together([q, k], x), small) == 0
+    assert custom_calls(lambda x: dense_together([q, k], x), small) == 0
 
 
 def test_attention_rejects_mismatched_shapes():
