@@ -1,24 +1,26 @@
 """Benchmark the host data pipeline against transformers' WhisperFeatureExtractor + tokenizer.
 
     python tools/bench_data.py [--clips 64] [--batch-size 16] [--repeats 5] [--epochs 1]
-                               [--worker-batches 16] [--skip-workers] [--profile]
+                               [--codecs flac pcm16] [--worker-batches 16] [--skip-workers] [--profile]
 
 Data: `--clips` synthesized English utterances (jaxasr.audio.tts, espeak voices, 2-15 s, spread
-evenly over that range) in a one-shard FLAC ArrayRecord dataset, cached under
+evenly over that range) in one-shard ArrayRecord datasets, one per record codec (the two that
+`python -m jaxasr.data.prepare --codec` writes: FLAC, or raw int16 PCM), cached under
 build/bench_data/ so reruns skip the synthesis.
 
-Timed work, the same clips read from the same records on both sides:
+Timed work, the same clips read from the same records on both sides, for each codec:
   jaxasr        build_train_iter(...) with speed perturbation (0.9/1.0/1.1), coloured noise, gain
                 and SpecAugment on; multi-scale concatenation off, and on as a second row (its rows
-                then hold several utterances each). Whole pipeline: record read, FLAC decode,
-                augmentation, log-mel, tokenization, fixed-shape batches of `--batch-size`.
-                Per-core rows run in-process with read_threads=0 (Grain's synchronous path:
-                every step on the calling thread).
-  transformers  soundfile decode of the same FLAC bytes, WhisperFeatureExtractor(...)(audio,
-                sampling_rate=16000, return_tensors="np") per clip, tokenizer(text).input_ids,
-                and a batch of `--batch-size` collated with padding. No augmentation (it has none).
-                Two rows: the torch STFT that transformers uses whenever torch is installed, and
-                its NumPy STFT (`_np_extract_fbank_features`, used when torch is absent).
+                then hold several utterances each). Whole pipeline: record read, decode (FLAC, or
+                int16 to float32), augmentation, log-mel, tokenization, fixed-shape batches of
+                `--batch-size`. Per-core rows run in-process with read_threads=0 (Grain's
+                synchronous path: every step on the calling thread).
+  transformers  soundfile decode of the same FLAC bytes (PCM records: the int16 samples / 32768),
+                WhisperFeatureExtractor(...)(audio, sampling_rate=16000, return_tensors="np") per
+                clip, tokenizer(text).input_ids, and a batch of `--batch-size` collated with
+                padding. No augmentation (it has none). Two rows: the torch STFT that transformers
+                uses whenever torch is installed, and its NumPy STFT (`_np_extract_fbank_features`,
+                used when torch is absent).
 
 Per-core rows run interleaved (one warm-up pass each, excluded), each pass one epoch of the clips
 (`--epochs` more), `--repeats` times; the best pass counts. All thread pools are held to one thread
@@ -26,8 +28,10 @@ Per-core rows run interleaved (one warm-up pass each, excluded), each pass one e
 second per core; wall-clock rates are printed beside it (on a loaded host they are lower). Worker
 rows (Grain mp_prefetch, 1 and 2 processes, read_threads=1 each) run afterwards on their own: after
 a warm-up that also drains their buffers, `--worker-batches` batches are timed, overall examples/s.
-`--profile` adds cProfile of the in-process jaxasr iterator and a per-step time breakdown.
-The ratio (jaxasr without multi-scale over the faster transformers row, per core) prints last.
+`--profile` adds cProfile of the in-process jaxasr iterator and a per-step time breakdown (FLAC).
+The ratios (jaxasr without multi-scale over the faster transformers row, per core) print last,
+one per codec, PCM last. FLAC decoding costs both sides the same ~2.5-4 ms per clip, which bounds
+the FLAC ratio however fast the rest of jaxasr's pipeline is.
 Freed heap memory is retained in this process for both sides (`jaxasr.host_memory`, as the train
 CLI does; the pipeline's Grain workers do it themselves).
 """
@@ -57,6 +61,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from jaxasr.kernels import audio as audio_kernels  # noqa: E402
+
 SAMPLE_RATE = 16000
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "bench_data"
@@ -84,13 +90,21 @@ RATES = [140, 160, 175]
 # --------------------------------------------------------------------------- data
 
 
-def make_dataset(n: int, seed: int = 0) -> Path:
-    """A FLAC ArrayRecord dataset of n synthesized clips of 2-15 s; cached by its settings."""
-    out = CACHE / f"clips{n}-seed{seed}"
+def make_dataset(n: int, seed: int = 0, codec: str = "flac") -> Path:
+    """An ArrayRecord dataset of n synthesized clips of 2-15 s; cached by its settings. The PCM
+    one holds the FLAC one's samples (int16 either way), so both codecs carry the same clips."""
+    out = CACHE / f"clips{n}-seed{seed}" if codec == "flac" else CACHE / f"clips{n}-seed{seed}-{codec}"
     if (out / "done.json").is_file():
         return out
+    from jaxasr.data.records import ArrayRecordSource, write_shards
+
+    if codec != "flac":
+        flac = make_dataset(n, seed, "flac")
+        source = ArrayRecordSource(flac)
+        write_shards([source[i] for i in range(n)], out, codec=codec)
+        (out / "done.json").write_text((flac / "done.json").read_text())
+        return out
     from jaxasr.audio.tts import synthesize
-    from jaxasr.data.records import write_shards
 
     rng = np.random.default_rng(seed)
     targets = np.linspace(MIN_SECONDS + 0.3, MAX_SECONDS - 0.3, n)
@@ -175,7 +189,10 @@ class TransformersSide:
         import soundfile as sf
 
         rec = self.source[index % len(self.source)]
-        audio, _ = sf.read(io.BytesIO(rec["audio_bytes"]), dtype="float32")
+        if "audio_bytes" in rec:
+            audio, _ = sf.read(io.BytesIO(rec["audio_bytes"]), dtype="float32")
+        else:  # PCM records: int16 samples
+            audio = rec["audio"].astype(np.float32) / 32768.0
         features = self.extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
         return features, self.tokenizer(rec["text"]).input_ids
 
@@ -318,6 +335,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the clips per timed pass")
     parser.add_argument("--worker-batches", type=int, default=16, help="batches timed per worker row")
+    parser.add_argument("--codecs", nargs="+", choices=("flac", "pcm16"), default=["flac", "pcm16"],
+                        help="record codecs to run, each on the same clips")
     parser.add_argument("--skip-workers", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -331,50 +350,57 @@ def main() -> None:
     from jaxasr.data.text import WhisperTargets
 
     torch.set_num_threads(1)
-    path = make_dataset(args.clips)
-    info = json.loads((path / "done.json").read_text())
+    paths = {codec: make_dataset(args.clips, codec=codec) for codec in args.codecs}
+    info = json.loads((paths[args.codecs[0]] / "done.json").read_text())
     ckpt = load_checkpoint("bundled:tiny.en")
     tokenizer = ckpt.tokenizer
     targets = WhisperTargets(tokenizer, ckpt.generation_config)
     n_batches = args.epochs * args.clips // args.batch_size
 
     common = dict(batch_size=args.batch_size, n_batches=n_batches)
-    methods: dict[str, Callable[[], int]] = {
-        "jaxasr": JaxasrSide(path, targets, multiscale=False, **common),
-        "jaxasr multiscale": JaxasrSide(path, targets, multiscale=True, **common),
-        "hf torch STFT": TransformersSide(path, tokenizer, backend="torch", **common),
-        "hf numpy STFT": TransformersSide(path, tokenizer, backend="numpy", **common),
-    }
+    methods: dict[str, Callable[[], int]] = {}
+    for codec, path in paths.items():
+        methods |= {
+            f"{codec} jaxasr": JaxasrSide(path, targets, multiscale=False, **common),
+            f"{codec} jaxasr multiscale": JaxasrSide(path, targets, multiscale=True, **common),
+            f"{codec} hf torch STFT": TransformersSide(path, tokenizer, backend="torch", **common),
+            f"{codec} hf numpy STFT": TransformersSide(path, tokenizer, backend="numpy", **common),
+        }
     rates = interleaved(methods, args.repeats)
 
     worker_rows = {}
     if not args.skip_workers:
-        for workers in (1, 2):
-            worker_rows[workers] = worker_rate(path, targets, batch_size=args.batch_size, workers=workers,
-                                               batches=args.worker_batches)
+        for codec, path in paths.items():
+            for workers in (1, 2):
+                worker_rows[codec, workers] = worker_rate(path, targets, batch_size=args.batch_size,
+                                                          workers=workers, batches=args.worker_batches)
 
     if args.profile:
-        profile(path, targets, tokenizer, args)
+        profile(make_dataset(args.clips), targets, tokenizer, args)
 
     print(f"\n{args.clips} clips, {info['seconds']:.0f} s of audio ({info['min']:.1f}-{info['max']:.1f} s), "
-          f"FLAC ArrayRecord; batch {args.batch_size}, {n_batches * args.batch_size} examples per pass, "
-          f"best of {args.repeats} interleaved; transformers {transformers.__version__}, torch "
+          f"ArrayRecord ({', '.join(args.codecs)}); batch {args.batch_size}, {n_batches * args.batch_size} "
+          f"examples per pass, best of {args.repeats} interleaved; transformers {transformers.__version__}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} thread), tokenizer {type(tokenizer).__name__}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; freed heap memory retained "
-          f"(jaxasr.host_memory, both sides): {RETAINED}")
+          f"(jaxasr.host_memory, both sides): {RETAINED}; native audio kernels: {audio_kernels.available()}")
     print("augmentation (jaxasr rows): speed 0.9/1.0/1.1, noise p=0.5, gain p=0.5, SpecAugment; "
           "the transformers rows do none")
-    print(f"{'row':28s} {'ex/s/core':>10s} {'ex/s wall':>10s} {'(median)':>9s} {'ms/ex/core':>11s}")
+    print(f"{'row':34s} {'ex/s/core':>10s} {'ex/s wall':>10s} {'(median)':>9s} {'ms/ex/core':>11s}")
     for name, r in rates.items():
-        print(f"{name + ' (1 core)':28s} {r['cpu']:10.1f} {r['wall']:10.1f} {r['wall_median']:9.1f} "
+        print(f"{name + ' (1 core)':34s} {r['cpu']:10.1f} {r['wall']:10.1f} {r['wall_median']:9.1f} "
               f"{1e3 / r['cpu']:11.2f}")
-    for workers, (rate, startup) in worker_rows.items():
-        label = f"jaxasr {workers} worker{'s' if workers > 1 else ''} (overall)"
-        print(f"{label:28s} {'':>10s} {rate:10.1f} {'':>9s} {'':>11s}  start-up {startup:.1f} s")
-    hf_best = max(rates["hf torch STFT"]["cpu"], rates["hf numpy STFT"]["cpu"])
-    print(f"ratio jaxasr-multiscale/transformers (examples/s per core): "
-          f"{rates['jaxasr multiscale']['cpu'] / hf_best:.2f}x")
-    print(f"ratio jaxasr/transformers (examples/s per core): {rates['jaxasr']['cpu'] / hf_best:.2f}x")
+    for (codec, workers), (rate, startup) in worker_rows.items():
+        label = f"{codec} jaxasr {workers} worker{'s' if workers > 1 else ''} (overall)"
+        print(f"{label:34s} {'':>10s} {rate:10.1f} {'':>9s} {'':>11s}  start-up {startup:.1f} s")
+    for codec in args.codecs:
+        hf_best = max(rates[f"{codec} hf torch STFT"]["cpu"], rates[f"{codec} hf numpy STFT"]["cpu"])
+        print(f"ratio jaxasr-multiscale/transformers, {codec} records (examples/s per core): "
+              f"{rates[f'{codec} jaxasr multiscale']['cpu'] / hf_best:.2f}x")
+    for codec in args.codecs:
+        hf_best = max(rates[f"{codec} hf torch STFT"]["cpu"], rates[f"{codec} hf numpy STFT"]["cpu"])
+        print(f"ratio jaxasr/transformers, {codec} records (examples/s per core): "
+              f"{rates[f'{codec} jaxasr']['cpu'] / hf_best:.2f}x")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import numpy as np
 import scipy.fft
 import soxr
 
+from jaxasr.kernels import audio as audio_kernels
+
 __all__ = [
     "add_noise",
     "apply_gain",
@@ -42,13 +44,16 @@ def speed_perturb(audio: np.ndarray, factor: float, sample_rate: int = SAMPLE_RA
     """Kaldi-style speed perturbation: tempo and pitch both scale by ``factor``.
 
     The samples are reinterpreted as recorded at ``sample_rate * factor`` and resampled back to
-    ``sample_rate``, so the output has about ``len(audio) / factor`` samples.
+    ``sample_rate``, so the output has about ``len(audio) / factor`` samples: with the native
+    windowed-sinc kernel (`jaxasr.kernels.audio`; ~-80 dB stopband) where it is built, else soxr.
     """
     if factor <= 0:
         raise ValueError(f"speed factor must be positive, got {factor}")
     audio = _f32(audio)
     if factor == 1.0 or audio.size == 0:
         return audio.copy()
+    if audio_kernels.available():  # windowed sinc, ~2-3x faster than soxr here
+        return audio_kernels.resample(audio, sample_rate * factor, sample_rate)
     return _f32(soxr.resample(audio, sample_rate * factor, sample_rate, quality="HQ"))
 
 
@@ -148,8 +153,8 @@ def _power(x: np.ndarray) -> float:
 
 def apply_gain(audio: np.ndarray, gain_db: float) -> np.ndarray:
     """Scale ``audio`` by ``gain_db`` decibels, clipped to [-1, 1]."""
-    out = np.asarray(audio, dtype=np.float64) * 10.0 ** (gain_db / 20.0)
-    return _f32(np.clip(out, -1.0, 1.0))
+    out = _f32(audio) * np.float32(10.0 ** (gain_db / 20.0))  # float32 throughout: a new array
+    return np.clip(out, -1.0, 1.0, out=out)
 
 
 def spec_augment(

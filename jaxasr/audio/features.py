@@ -17,6 +17,8 @@ import numpy as np
 import ducc0
 import scipy.sparse
 
+from jaxasr.kernels import audio as audio_kernels
+
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
@@ -66,7 +68,7 @@ def mel_filters(n_mels: int) -> np.ndarray:
 
 @lru_cache
 def _mel_filters_t32(n_mels: int) -> np.ndarray:
-    """[n_mels, bins] float32, for the JAX matmul."""
+    """[n_mels, bins] float32, for the JAX matmul and the native kernel."""
     filters = np.ascontiguousarray(mel_filters(n_mels).T, dtype=np.float32)
     filters.flags.writeable = False
     return filters
@@ -131,10 +133,18 @@ def _segment(audio: np.ndarray, padding: int, lo: int, hi: int, buf: np.ndarray)
 
 
 def _log_mel_into(audio: np.ndarray, padding: int, out: np.ndarray) -> None:
-    """Write one clip's features into `out` [n_mels, padding // HOP_LENGTH]."""
-    n_mels, n_frames = out.shape
+    """Write one clip's features into `out` [n_mels, padding // HOP_LENGTH]: with the native
+    kernel (`jaxasr.kernels.audio`, 3-4x faster) where it is built, else with NumPy."""
     audio = np.ascontiguousarray(audio[:padding], dtype=np.float32)
     n_active = _active_frames(len(audio), padding)
+    if audio_kernels.available():
+        audio_kernels.log_mel_into(audio, padding, _mel_filters_t32(out.shape[0]), out, n_active)
+    else:
+        _log_mel_into_numpy(audio, padding, out, n_active)
+
+
+def _log_mel_into_numpy(audio: np.ndarray, padding: int, out: np.ndarray, n_active: int) -> None:
+    n_mels, n_frames = out.shape
     mel = out[:, :n_active]
     segment_buf = np.empty((_CHUNK - 1) * HOP_LENGTH + N_FFT, np.float32)
     spectrum_buf = np.empty((_N_BINS, _CHUNK), np.complex64)

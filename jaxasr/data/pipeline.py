@@ -53,7 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         seed=0, num_workers=0, read_threads=4,
         train=dict(),
         augment=dict(speed=dict(enabled=False, factors=(0.9, 1.0, 1.1), prob=1.0),
-                     noise=dict(enabled=False, prob=0.5, snr_db=(5.0, 30.0), exponents=(0.0, 1.0, 2.0)),
+                     noise=dict(enabled=False, prob=0.5, snr_db=(5.0, 30.0), exponents=(0.0, 1.0, 2.0), loops=8),
                      gain=dict(enabled=False, prob=0.5, gain_db=(-6.0, 6.0)),
                      spec_augment=dict(enabled=False, num_freq_masks=2, freq_mask_width=27, num_time_masks=10,
                                        time_mask_width=100, time_mask_ratio=0.05),

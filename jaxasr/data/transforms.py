@@ -10,6 +10,7 @@ Examples that carry precomputed encoder outputs (`encoded`) pass the audio steps
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import zlib
 from collections.abc import Sequence
@@ -176,12 +177,19 @@ class SpeedPerturb(_RandomMap):
 @dataclasses.dataclass
 class AddNoise(_RandomMap):
     """Additive noise at an SNR drawn from `snr_db`: from `noise_clips` when given, else coloured
-    noise with a spectral exponent drawn from `exponents` (0 white, 1 pink, 2 brown)."""
+    noise with a spectral exponent drawn from `exponents` (0 white, 1 pink, 2 brown).
+
+    Coloured noise comes from a bank of `loops` seamless loops per exponent (2**19 samples,
+    32.8 s, seeded by exponent and loop number, generated on first use in each process); each
+    example takes a random window of a random loop. Synthesizing fresh noise for every clip cost
+    more than its log-mel; the loops are periodic (made in the FFT domain), so windows that wrap
+    around have no seam."""
 
     prob: float = 0.5
     snr_db: tuple[float, float] = (5.0, 30.0)
     exponents: Sequence[float] = (0.0, 1.0, 2.0)
     noise_clips: Sequence[np.ndarray] = ()
+    loops: int = 8
 
     def apply(self, ex: Example, rng: np.random.Generator) -> Example:
         if "audio" not in ex or rng.random() >= self.prob:
@@ -190,9 +198,21 @@ class AddNoise(_RandomMap):
         if len(self.noise_clips):
             noise = self.noise_clips[int(rng.integers(len(self.noise_clips)))]
         else:
-            noise = augment.coloured_noise(len(audio), float(rng.choice(self.exponents)), rng)
+            noise = _noise_loop(float(rng.choice(self.exponents)), int(rng.integers(self.loops)))
         snr = float(rng.uniform(*self.snr_db))
         return {**ex, "audio": augment.add_noise(audio, noise, snr, rng)}
+
+
+NOISE_LOOP_SAMPLES = 1 << 19
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_loop(exponent: float, index: int) -> np.ndarray:
+    """Loop `index` of coloured noise with spectral exponent `exponent` (read-only; 2 MB)."""
+    rng = np.random.default_rng([index, round(1000 * exponent)])
+    loop = augment.coloured_noise(NOISE_LOOP_SAMPLES, exponent, rng)
+    loop.flags.writeable = False
+    return loop
 
 
 @dataclasses.dataclass

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -34,59 +30,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxasr.kernels.build import build_library, compiler
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
 # Matmuls of fewer rows (decoding; on OpenBLAS also the decoder's training batch) stay with XLA,
 # which was as fast or faster there: e.g. [512, 384] x [384, 1536] in 2.3-2.6 ms vs 2.7-3.7 on
 # OpenBLAS. MKL's sgemm was 1.0-1.4x XLA's from 256 rows up (whisper tiny's decoder shapes).
 MIN_ROWS = {"mkl": 256, "openblas": 1024}
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("JAXASR_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxasr", "kernels")
-    return Path(root)
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and instruction-set flags: a library built with -march=native is only
-    valid on CPUs that have them, so they are part of the cache key."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return os.uname().machine
-    keep = [line for line in lines if line.startswith(("model name", "flags"))]
-    return "\n".join(dict.fromkeys(keep))
-
-
-def _build(compiler: str) -> Path:
+def _build(cxx: str) -> Path:
     import scipy_openblas32 as openblas
 
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), " ".join(FLAGS), version, metadata.version("jaxlib"),
-        openblas.get_lib_dir(), metadata.version("scipy-openblas32"), _cpu_signature(),
-    ]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"cpu_kernels-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        pass
-    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}", str(SOURCE),
-           "-o", tmp.name, f"-L{openblas.get_lib_dir()}", f"-l{openblas.get_library()}",
-           f"-Wl,-rpath,{openblas.get_lib_dir()}", "-ldl"]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
-        os.replace(tmp.name, out)  # atomic: concurrent builders (test workers) never see half a file
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
-    return out
+    return build_library(
+        SOURCE, cxx,
+        args=[f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}", f"-L{openblas.get_lib_dir()}",
+              f"-l{openblas.get_library()}", f"-Wl,-rpath,{openblas.get_lib_dir()}", "-ldl"],
+        key=[metadata.version("jaxlib"), metadata.version("scipy-openblas32")])
 
 
 @functools.cache
@@ -144,12 +106,12 @@ def available() -> bool:
     saying why, when that is not possible here."""
     if os.environ.get("JAXASR_CPU_KERNELS", "1") == "0":
         return False
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         log.warning("jaxasr CPU kernels: no C++ compiler found (set CXX); using XLA's ops")
         return False
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(cxx)))
     except Exception as e:  # noqa: BLE001: any build or load failure means "use XLA's ops"
         log.warning("jaxasr CPU kernels could not be built, using XLA's ops: %s", e)
         return False
