@@ -26,6 +26,7 @@ from jaxasr.audio.features import N_FRAMES, SAMPLE_RATE
 from jaxasr.data import sources as S
 from jaxasr.data import transforms as T
 from jaxasr.data.mixing import batch_plan, exact_counts
+from jaxasr.data.shuffle import shuffle as shuffle_dataset
 from jaxasr.data.text import WhisperTargets
 from jaxasr.host_memory import retain_freed_memory
 
@@ -103,7 +104,7 @@ def example_dataset(source, *, kind: str, targets: WhisperTargets, n_mels: int, 
     if len(ds) == 0:
         raise ValueError(f"no examples in {source!r}")
     if shuffle:
-        ds = ds.shuffle(seed=T.derive_seed(seed, "shuffle"))
+        ds = shuffle_dataset(ds, seed=T.derive_seed(seed, "shuffle"))
     ds = ds.map(T.CleanText())
     if kind == "text":
         ds = ds.map(T.TextOnly(targets, seed=seed, max_tokens=max_label_tokens, max_text_tokens=max_text_tokens))

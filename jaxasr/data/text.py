@@ -45,6 +45,20 @@ def encode_text_only(tokenizer: Any, text: str | bytes, name: str = "text", *,
     return np.asarray(ids, np.int32)
 
 
+def _plain_text_tokenizer(tokenizer: Any) -> Any:
+    """A copy of a fast tokenizer's Rust backend that reads special-token strings as plain text
+    (what `split_special_tokens=True` asks of the wrapper), or None for other tokenizers. Called
+    directly it takes 0.1 ms a transcript where the transformers wrapper took 0.16-0.3."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+
+    plain = tokenizers.Tokenizer.from_str(backend.to_str())
+    plain.encode_special_tokens = True
+    return plain
+
+
 class WhisperTargets:
     """Turns a transcript into Whisper decoder inputs, labels and a loss mask.
 
@@ -56,6 +70,7 @@ class WhisperTargets:
     def __init__(self, tokenizer: Any, generation_config: dict[str, Any], language: str | None = None,
                  task: str = "transcribe", max_label_tokens: int | None = None):
         self.tokenizer = tokenizer
+        self._plain_text = _plain_text_tokenizer(tokenizer)
         rules = decoding_rules(generation_config, tokenizer.get_vocab(), language=language, task=task)
         self.prompt = rules.prompt
         self.eot = rules.eot
@@ -67,7 +82,10 @@ class WhisperTargets:
 
     def encode_text_only(self, text: str | bytes, name: str = "text") -> np.ndarray:
         """Text token ids as in `encode` (leading space), without prompt or eot; int32."""
-        return encode_text_only(self.tokenizer, text, name, leading_space=True)
+        if self._plain_text is None:
+            return encode_text_only(self.tokenizer, text, name, leading_space=True)
+        ids = self._plain_text.encode(" " + decode_text(text, name), add_special_tokens=False).ids
+        return np.asarray(ids, np.int32)
 
     def encode(self, text: str | bytes, name: str = "text") -> dict[str, np.ndarray]:
         """decoder_input_ids, labels (int32) and loss_mask (float32), all of one length n."""

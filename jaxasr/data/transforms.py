@@ -143,14 +143,16 @@ def _samples(ex: Example, name: str, sample_rate: int) -> np.ndarray:
         audio = audio.mean(axis=1)
     if audio.ndim != 1:
         raise DataError("audio_undecodable", f"{name}: audio of shape {audio.shape}")
-    if audio.dtype == np.int16:
-        audio = audio.astype(np.float32) / 32768.0
-    audio = audio.astype(np.float32, copy=False)
     rate = int(ex.get("sample_rate") or 0)
     if audio.size == 0:
         raise DataError("audio_empty", f"{name}: no audio samples")
-    if not np.isfinite(audio).all():
-        raise DataError("audio_nonfinite", f"{name}: non-finite samples (NaN or inf)")
+    if audio.dtype == np.int16:  # PCM records: finite by construction
+        audio = audio.astype(np.float32)
+        audio *= np.float32(1.0 / 32768.0)
+    else:
+        audio = audio.astype(np.float32, copy=False)
+        if not np.isfinite(audio).all():
+            raise DataError("audio_nonfinite", f"{name}: non-finite samples (NaN or inf)")
     if not 1000 <= rate <= 384000:
         raise DataError("sample_rate", f"{name}: implausible sample rate {rate}")
     if rate != sample_rate:

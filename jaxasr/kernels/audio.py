@@ -63,8 +63,11 @@ def log_mel_into(audio: np.ndarray, padding: int, filters: np.ndarray, out: np.n
         raise ValueError(f"log-mel: bad arguments (padding {padding}, {n_active} of {n_out} frames)")
 
 
-# Filter length in input samples per output sample. With the Kaiser window below, the
-# stopband is ~-80 dB and the passband flat to 0.1 dB up to 0.92 of the output's Nyquist.
+# Filter length in input samples per output sample. With the Kaiser window and cutoff below,
+# measured on sines (factors 0.9 and 1.1): flat within 0.01 dB up to 0.8 of the lower rate's
+# Nyquist frequency (6 kHz here), -0.5 dB at 0.875, -1.5 dB at 0.9; an input tone landing at 1.05
+# of the output's Nyquist comes through at -63 dB, at 1.125 at -85 dB. (torchaudio's default
+# resampler, which ASR toolkits use for speed perturbation, spans 6 zero crossings a side.)
 TAPS = 48
 KAISER_BETA = 8.0
 ROLLOFF = 0.94

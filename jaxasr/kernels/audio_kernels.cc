@@ -77,37 +77,28 @@ const Plan& plan() {
   return p;
 }
 
-// e^{-2 pi i m / R} for m < R, computed once.
-template <int R>
-struct Roots {
-  float c[R], s[R];
-  Roots() {
-    for (int m = 0; m < R; ++m) {
-      c[m] = static_cast<float>(std::cos(-2.0 * kPi * m / R));
-      s[m] = static_cast<float>(std::sin(-2.0 * kPi * m / R));
-    }
-  }
-};
-const Roots<5> kRoots5;
-
 // Small DFT of `R` lane vectors in place (out[k] = sum_r v[r] e^{-2 pi i k r / R}).
 template <int R>
-inline void dft(Lanes* re, Lanes* im) {
-  static_assert(R == 5, "radix 5 here; 2 and 4 are specialized below");
-  Lanes ore[R], oim[R];
-  for (int k = 0; k < R; ++k) {
-    ore[k] = re[0];
-    oim[k] = im[0];
-    for (int r = 1; r < R; ++r) {
-      const float c = kRoots5.c[(k * r) % R], s = kRoots5.s[(k * r) % R];
-      ore[k] += re[r] * c - im[r] * s;
-      oim[k] += re[r] * s + im[r] * c;
-    }
-  }
-  for (int k = 0; k < R; ++k) {
-    re[k] = ore[k];
-    im[k] = oim[k];
-  }
+inline void dft(Lanes* re, Lanes* im);
+
+// Radix 5 by its symmetric pairs (inputs 1 and 4, 2 and 3): half the multiplications of the
+// direct sum.
+template <>
+inline void dft<5>(Lanes* re, Lanes* im) {
+  const float c1 = static_cast<float>(std::cos(2.0 * kPi / 5)), c2 = static_cast<float>(std::cos(4.0 * kPi / 5));
+  const float s1 = static_cast<float>(std::sin(2.0 * kPi / 5)), s2 = static_cast<float>(std::sin(4.0 * kPi / 5));
+  const Lanes t1r = re[1] + re[4], t1i = im[1] + im[4], t3r = re[1] - re[4], t3i = im[1] - im[4];
+  const Lanes t2r = re[2] + re[3], t2i = im[2] + im[3], t4r = re[2] - re[3], t4i = im[2] - im[3];
+  const Lanes a1r = re[0] + c1 * t1r + c2 * t2r, a1i = im[0] + c1 * t1i + c2 * t2i;
+  const Lanes a2r = re[0] + c2 * t1r + c1 * t2r, a2i = im[0] + c2 * t1i + c1 * t2i;
+  const Lanes b1r = s1 * t3r + s2 * t4r, b1i = s1 * t3i + s2 * t4i;
+  const Lanes b2r = s2 * t3r - s1 * t4r, b2i = s2 * t3i - s1 * t4i;
+  re[0] += t1r + t2r;
+  im[0] += t1i + t2i;
+  re[1] = a1r + b1i; im[1] = a1i - b1r;  // a1 - i b1
+  re[4] = a1r - b1i; im[4] = a1i + b1r;  // a1 + i b1
+  re[2] = a2r + b2i; im[2] = a2i - b2r;  // a2 - i b2
+  re[3] = a2r - b2i; im[3] = a2i + b2r;  // a2 + i b2
 }
 
 template <>
@@ -133,9 +124,16 @@ void stage(const Stage& s, const Lanes* xr, const Lanes* xi, Lanes* yr, Lanes* y
   const int groups = n / R, ns = s.ns;
   for (int j = 0; j < groups; ++j) {
     Lanes vr[R], vi[R];
-    for (int r = 0; r < R; ++r) {
-      const float c = s.tw_re[j * R + r], sn = s.tw_im[j * R + r];
+    vr[0] = xr[j];  // element 0's twiddle is 1, and so are all of the first stage's
+    vi[0] = xi[j];
+    for (int r = 1; r < R; ++r) {
       const Lanes a = xr[j + r * groups], b = xi[j + r * groups];
+      if (ns == 1) {
+        vr[r] = a;
+        vi[r] = b;
+        continue;
+      }
+      const float c = s.tw_re[j * R + r], sn = s.tw_im[j * R + r];
       vr[r] = a * c - b * sn;
       vi[r] = a * sn + b * c;
     }
@@ -201,17 +199,11 @@ int jaxasr_log_mel(const float* audio, int64_t n, int64_t padding, const float* 
     hi[m] = b;
   }
 
-  // The framed signal, left reflection included: frame t starts at ext[t * kHop].
+  // Frame t covers samples [t kHop - kPad, t kHop + kPad) of the padded signal: read straight from
+  // `audio` where a block's frames lie inside it, else from `edge`, filled sample by sample.
   const int64_t blocks = (n_active + kLanes - 1) / kLanes;
-  const int64_t ext_len = blocks * kLanes * kHop + kFft;
-  std::vector<float> ext(ext_len);
-  const int64_t inside = std::min(n, ext_len - kPad);  // samples copied as they are
-  std::memcpy(ext.data() + kPad, audio, sizeof(float) * inside);
-  for (int64_t i = 0; i < ext_len; ++i) {
-    if (i == kPad) i += inside;
-    if (i < ext_len) ext[i] = padded_sample(audio, n, padding, i - kPad);
-  }
-
+  constexpr int kSpan = (kLanes - 1) * kHop + kFft;
+  std::vector<float> edge(kSpan);
   std::vector<Lanes> buf(4 * kHalf + kBins);
   Lanes *re = buf.data(), *im = re + kHalf, *tr = im + kHalf, *ti = tr + kHalf, *power = ti + kHalf;
   float peak = 0.0f;
@@ -220,8 +212,14 @@ int jaxasr_log_mel(const float* audio, int64_t n, int64_t padding, const float* 
     // z[j] = x[2j] + i x[2j + 1], windowed, lane l = frame f0 + l.
     // Lane by lane, frame by frame; the window in a second pass, as a vector read right after
     // its lanes' scalar stores stalls on store forwarding (it cost half the kernel's time).
+    const int64_t first = f0 * kHop - kPad;  // the block's first sample
+    const float* span = audio + first;
+    if (first < 0 || first + kSpan > n) {
+      for (int i = 0; i < kSpan; ++i) edge[i] = padded_sample(audio, n, padding, first + i);
+      span = edge.data();
+    }
     for (int l = 0; l < kLanes; ++l) {
-      const float* frame = ext.data() + (f0 + l) * kHop;
+      const float* frame = span + l * kHop;
       for (int j = 0; j < kHalf; ++j) {
         re[j][l] = frame[2 * j];
         im[j][l] = frame[2 * j + 1];

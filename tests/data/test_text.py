@@ -118,6 +118,9 @@ def test_special_token_text_stays_text(tiny):
     targets = WhisperTargets(tokenizer, generation_config)
     labels = targets.encode("a <|endoftext|> b")["labels"]
     assert (labels == targets.eot).sum() == 1 and labels[-1] == targets.eot
+    # The Rust backend called directly reads it as the transformers wrapper does when asked to.
+    expected = tokenizer.encode(" a <|endoftext|> b", add_special_tokens=False, split_special_tokens=True)
+    assert targets.encode_text_only("a <|endoftext|> b").tolist() == expected
 
 
 def test_encode_reports_bad_text(tiny):
