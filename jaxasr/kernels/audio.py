@@ -88,13 +88,13 @@ def resample_phases(up: int, down: int, taps: int = TAPS) -> np.ndarray:
 
 def resample(x: np.ndarray, in_rate: float, out_rate: float, max_denominator: int = 1000) -> np.ndarray:
     """`x` (float32) resampled from `in_rate` to `out_rate`, the ratio taken as a fraction with a
-    denominator of at most `max_denominator` (0.9 -> 10/9); len(x) * ratio samples, rounded."""
+    denominator of at most `max_denominator` (0.9 -> 10/9); len(x) * ratio samples, rounded half up."""
     lib = library()
     if lib is None:
         raise RuntimeError("jaxasr's audio kernels are not available here; check `available()` first")
     ratio = Fraction(out_rate / in_rate).limit_denominator(max_denominator)
     up, down = ratio.numerator, ratio.denominator
     x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.empty(round(len(x) * up / down), np.float32)
+    y = np.empty(int(len(x) * up / down + 0.5), np.float32)  # half up, as soxr
     lib.jaxasr_resample(x, len(x), up, down, resample_phases(up, down), TAPS, y, len(y))
     return y

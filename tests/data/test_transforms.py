@@ -105,6 +105,21 @@ def test_add_noise_hits_the_snr(speech_clips):
     assert T.AddNoise(prob=0.0).random_map(ex, _rng()) is ex
 
 
+def test_coloured_noise_comes_from_seamless_seeded_loops(speech_clips):
+    ex = _decoded(speech_clips[2])
+    noise = T.AddNoise(prob=1.0, snr_db=(10.0, 10.0), exponents=(2.0,), loops=3)
+    a, b = noise.random_map(ex, _rng(5)), noise.random_map(ex, _rng(5))
+    np.testing.assert_array_equal(a["audio"], b["audio"])  # a seed fixes loop, window and level
+    assert not np.array_equal(a["audio"], noise.random_map(ex, _rng(6))["audio"])
+    loop = T._noise_loop(2.0, 1)
+    assert loop is T._noise_loop(2.0, 1) and not loop.flags.writeable  # generated once per process
+    assert len(loop) == T.NOISE_LOOP_SAMPLES and not np.array_equal(loop, T._noise_loop(2.0, 2))
+    # made in the FFT domain, so periodic: the step from the last sample to the first is as
+    # small as brown noise's steps inside the loop (a cut would be a jump of ~RMS size)
+    steps = np.abs(np.diff(loop))
+    assert abs(loop[0] - loop[-1]) < np.quantile(steps, 0.999)
+
+
 def test_gain(speech_clips):
     ex = _decoded(speech_clips[3])
     out = T.Gain(prob=1.0, gain_db=(-6.0, -6.0)).random_map(ex, _rng())

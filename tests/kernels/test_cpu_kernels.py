@@ -37,8 +37,10 @@ def test_matmul_and_its_gradients_match_xla(each_blas):
         def grads(f, weights=weights, a=a, b=b):
             return jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.tanh(f(a, b)) * weights), argnums=(0, 1)))(a, b)
 
+        # db sums 301 products whose tanh' factor depends on the forward's rounding: two correct
+        # float32 summation orders (OpenBLAS's Zen kernels vs XLA's) differed by 1.7e-5 on an AMD EPYC.
         for name, got, expected in zip("ab", grads(cpu_kernels.matmul), grads(jnp.matmul)):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=5e-5, err_msg=f"d{name}")
 
 
 def test_tied_output_projection_reads_the_table_in_place(each_blas):
