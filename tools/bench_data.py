@@ -281,7 +281,7 @@ def profile(path: Path, targets, tokenizer, args) -> None:
     source = ArrayRecordSource(path)
     rng = np.random.default_rng(0)
     decode, logmel, tok = T.DecodeAudio(SAMPLE_RATE), T.LogMel(80), T.Tokenize(targets, max_tokens=224)
-    steps: dict[str, float] = {k: 0.0 for k in ("read record", "clean text", "decode FLAC", "speed (soxr)",
+    steps: dict[str, float] = {k: 0.0 for k in ("read record", "clean text", "decode FLAC", "speed",
                                                  "noise", "gain", "log-mel", "SpecAugment", "tokenize",
                                                  "collate", "hf: sf.read", "hf: feature extractor",
                                                  "hf: tokenizer")}
@@ -303,7 +303,7 @@ def profile(path: Path, targets, tokenizer, args) -> None:
             raw_bytes = ex["audio_bytes"]
             ex = timed("clean text", T.CleanText().map, ex)
             ex = timed("decode FLAC", decode.map, ex)
-            ex = timed("speed (soxr)", aug.speed.random_map, ex, rng)
+            ex = timed("speed", aug.speed.random_map, ex, rng)
             ex = timed("noise", aug.noise.random_map, ex, rng)
             ex = timed("gain", aug.gain.random_map, ex, rng)
             ex = timed("log-mel", logmel.map, ex)

@@ -287,24 +287,36 @@ int jaxasr_resample(const float* x, int64_t n, int up, int down, const float* ph
     int64_t s = (taps - r + down - 1) / down;  // the first s with r + s * down >= taps
     for (int64_t pos = r + s * down; pos < n + taps; pos += down) stream[s++] = x[pos - taps];
   }
-  std::vector<const float*> src(taps);
-  for (int first = 0; first < up && first < n_out; ++first) {
+  // Per phase class `first` (outputs first, first + up, ...): its filter and, per tap, where
+  // its inputs start. The loop runs block by block over all classes, so the streams' few
+  // active cache lines stay in L1 (class by class over whole streams spilled out of L2).
+  const int classes = static_cast<int>(std::min<int64_t>(up, n_out));
+  std::vector<const float*> src(static_cast<size_t>(classes) * taps);
+  std::vector<const float*> filter(classes);
+  std::vector<int64_t> count(classes);
+  for (int first = 0; first < classes; ++first) {
     const int64_t t = static_cast<int64_t>(first) * down;
-    const float* h = phases + (t % up) * static_cast<int64_t>(taps);
+    filter[first] = phases + (t % up) * static_cast<int64_t>(taps);
     const int64_t start = t / up - half + taps;  // in shifted positions; output q adds q * down
-    for (int k = 0; k < taps; ++k) src[k] = streams.data() + ((start + k) % down) * stream_len + (start + k) / down;
-    const int64_t count = (n_out - first + up - 1) / up;
-    for (int64_t q0 = 0; q0 < count; q0 += kBlock) {
+    for (int k = 0; k < taps; ++k)
+      src[first * taps + k] = streams.data() + ((start + k) % down) * stream_len + (start + k) / down;
+    count[first] = (n_out - first + up - 1) / up;
+  }
+  for (int64_t q0 = 0; q0 < per_phase; q0 += kBlock) {
+    for (int first = 0; first < classes; ++first) {
+      if (q0 >= count[first]) continue;
+      const float* h = filter[first];
+      const float* const* in = src.data() + first * taps;
       Lanes acc[kAcc] = {};
       for (int k = 0; k < taps; ++k) {
-        const float* s = src[k] + q0;
+        const float* s = in[k] + q0;
         for (int v = 0; v < kAcc; ++v) {
-          Lanes in;
-          std::memcpy(&in, s + v * kLanes, sizeof(Lanes));
-          acc[v] += h[k] * in;
+          Lanes x;
+          std::memcpy(&x, s + v * kLanes, sizeof(Lanes));
+          acc[v] += h[k] * x;
         }
       }
-      const int64_t m = std::min<int64_t>(kBlock, count - q0);
+      const int64_t m = std::min<int64_t>(kBlock, count[first] - q0);
       for (int64_t i = 0; i < m; ++i) y[first + (q0 + i) * up] = acc[i / kLanes][i % kLanes];
     }
   }
