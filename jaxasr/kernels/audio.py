@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from jaxasr.kernels.build import build_library, compiler
-
-log = logging.getLogger(__name__)
+from jaxasr.kernels.build import load_library
 
 SOURCE = Path(__file__).with_name("audio_kernels.cc")
 _F32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
@@ -32,16 +28,9 @@ _I64 = ctypes.c_int64
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernels, or None (with a warning saying why) where they cannot be used."""
-    if os.environ.get("JAXASR_AUDIO_KERNELS", "1") == "0":
-        return None
-    cxx = compiler()
-    if cxx is None:
-        log.warning("jaxasr audio kernels: no C++ compiler found (set CXX); using NumPy")
-        return None
-    try:
-        lib = ctypes.CDLL(str(build_library(SOURCE, cxx)))
-    except Exception as e:  # noqa: BLE001: any build or load failure means "use NumPy"
-        log.warning("jaxasr audio kernels could not be built, using NumPy: %s", e)
+    lib = load_library(SOURCE, what="jaxasr audio kernels", switch="JAXASR_AUDIO_KERNELS",
+                       fallback="NumPy and soxr")
+    if lib is None:
         return None
     lib.jaxasr_log_mel.argtypes = [_F32, _I64, _I64, _F32, ctypes.c_int, _F32, _I64, _I64]
     lib.jaxasr_resample.argtypes = [_F32, _I64, ctypes.c_int, ctypes.c_int, _F32, ctypes.c_int, _F32, _I64]

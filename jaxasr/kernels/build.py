@@ -8,13 +8,17 @@ to any of them builds afresh instead of loading a stale library.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
 
@@ -64,3 +68,24 @@ def build_library(source: Path, cxx: str, *, args: Sequence[str] = (), key: Sequ
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
     return out
+
+
+def load_library(source: Path, *, what: str, switch: str, fallback: str,
+                 build_args: Callable[[], tuple[Sequence[str], Sequence[str]]] = lambda: ((), ())
+                 ) -> ctypes.CDLL | None:
+    """`source` built (or found in the cache) and loaded; None where the environment variable
+    `switch` is "0", or, with a warning naming `what` and the reason, when there is no compiler
+    or the build fails (the caller then uses `fallback`). `build_args` gives (args, key) for
+    `build_library`; it may raise too (a missing library to link)."""
+    if os.environ.get(switch, "1") == "0":
+        return None
+    cxx = compiler()
+    if cxx is None:
+        log.warning("%s: no C++ compiler found (set CXX); using %s", what, fallback)
+        return None
+    try:
+        args, key = build_args()
+        return ctypes.CDLL(str(build_library(source, cxx, args=args, key=key)))
+    except Exception as e:  # noqa: BLE001: any build or load failure means "use the fallback"
+        log.warning("%s could not be built, using %s: %s", what, fallback, e)
+        return None

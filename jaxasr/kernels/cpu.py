@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxasr.kernels.build import build_library, compiler
+from jaxasr.kernels.build import load_library
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,12 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MIN_ROWS = {"mkl": 256, "openblas": 1024}
 
 
-def _build(cxx: str) -> Path:
+def _build_args() -> tuple[list[str], list[str]]:
     import scipy_openblas32 as openblas
 
-    return build_library(
-        SOURCE, cxx,
-        args=[f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}", f"-L{openblas.get_lib_dir()}",
-              f"-l{openblas.get_library()}", f"-Wl,-rpath,{openblas.get_lib_dir()}", "-ldl"],
-        key=[metadata.version("jaxlib"), metadata.version("scipy-openblas32")])
+    args = [f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}", f"-L{openblas.get_lib_dir()}",
+            f"-l{openblas.get_library()}", f"-Wl,-rpath,{openblas.get_lib_dir()}", "-ldl"]
+    return args, [metadata.version("jaxlib"), metadata.version("scipy-openblas32")]
 
 
 @functools.cache
@@ -104,16 +102,9 @@ _handle: ctypes.CDLL | None = None  # the loaded kernels, once `available()` has
 def available() -> bool:
     """Build (once per machine, then cached) and register the kernels; False, with a warning
     saying why, when that is not possible here."""
-    if os.environ.get("JAXASR_CPU_KERNELS", "1") == "0":
-        return False
-    cxx = compiler()
-    if cxx is None:
-        log.warning("jaxasr CPU kernels: no C++ compiler found (set CXX); using XLA's ops")
-        return False
-    try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-    except Exception as e:  # noqa: BLE001: any build or load failure means "use XLA's ops"
-        log.warning("jaxasr CPU kernels could not be built, using XLA's ops: %s", e)
+    lib = load_library(SOURCE, what="jaxasr CPU kernels", switch="JAXASR_CPU_KERNELS", fallback="XLA's ops",
+                       build_args=_build_args)
+    if lib is None:
         return False
     lib.JaxasrSingleThreadedBlas()
     lib.JaxasrUseMkl.argtypes = [ctypes.c_char_p]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def rms(x: np.ndarray) -> float:
@@ -20,3 +21,15 @@ def median_f0(x: np.ndarray, sr: int = 16000) -> float:
         ac = np.correlate(f, f, "full")[n - 1 :]
         f0.append(sr / (lo + np.argmax(ac[lo:hi])))
     return float(np.median(f0))
+
+
+@pytest.fixture(params=["native", "fallback"])
+def audio_kernel_path(request, monkeypatch) -> str:
+    """Runs a test on the native audio kernels, then with them off (NumPy log-mel, soxr)."""
+    from jaxasr.kernels import audio as audio_kernels
+
+    if request.param == "native" and not audio_kernels.available():
+        pytest.skip("the native audio kernels could not be built here")
+    if request.param == "fallback":
+        monkeypatch.setattr(audio_kernels, "available", lambda: False)
+    return request.param

@@ -40,20 +40,8 @@ def _rng(seed: int = 0) -> np.random.Generator:
 # --------------------------------------------------------------------------- speed
 
 
-@pytest.fixture(params=["native", "soxr"])
-def resampler(request, monkeypatch) -> str:
-    """Speed perturbation on the native kernel, then on soxr (its fallback)."""
-    from jaxasr.kernels import audio as audio_kernels
-
-    if request.param == "native" and not audio_kernels.available():
-        pytest.skip("the native audio kernels could not be built here")
-    if request.param == "soxr":
-        monkeypatch.setattr(audio_kernels, "available", lambda: False)
-    return request.param
-
-
 @pytest.mark.parametrize("factor", [0.9, 1.1])
-def test_speed_perturb_changes_length_and_pitch(speech, factor, resampler):
+def test_speed_perturb_changes_length_and_pitch(speech, factor, audio_kernel_path):
     out = speed_perturb(speech, factor)
     assert out.dtype == np.float32
     assert abs(len(out) - len(speech) / factor) <= 0.01 * len(speech) / factor

@@ -17,7 +17,6 @@ from jaxasr.audio.features import (
     pad_or_trim,
 )
 from jaxasr.audio.io import AudioError, decode_audio_bytes, load_audio
-from jaxasr.kernels import audio as audio_kernels
 
 # HF runs in float32 too: on speech its own error against a float64 computation reaches
 # ~7e-5, so no float32 implementation can be held much tighter than this.
@@ -51,16 +50,6 @@ def speech_like_clips() -> list[np.ndarray]:
     return [_speech_like(s, seed) for seed, s in enumerate((0.6, 7.0, 12.3, 31.5))]
 
 
-@pytest.fixture(params=["native", "numpy"])
-def front_end(request, monkeypatch) -> str:
-    """The host log-mel on the native kernel, then on its NumPy fallback."""
-    if request.param == "native" and not audio_kernels.available():
-        pytest.skip("the native audio kernels could not be built here")
-    if request.param == "numpy":
-        monkeypatch.setattr(audio_kernels, "available", lambda: False)
-    return request.param
-
-
 def _reference(audio: np.ndarray, n_mels: int, padding: int = N_SAMPLES) -> np.ndarray:
     extractor = WhisperFeatureExtractor(feature_size=n_mels)
     features = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", max_length=padding)
@@ -87,7 +76,7 @@ def test_mel_filters_match_transformers(n_mels: int) -> None:
 
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_numpy_and_jax_match_whisper_feature_extractor(
-    speech_like_clips: list[np.ndarray], n_mels: int, front_end: str
+    speech_like_clips: list[np.ndarray], n_mels: int, audio_kernel_path: str
 ) -> None:
     expected = np.stack([_reference(clip, n_mels) for clip in speech_like_clips])
     assert expected.shape == (len(speech_like_clips), n_mels, N_FRAMES)
@@ -103,7 +92,7 @@ def test_numpy_and_jax_match_whisper_feature_extractor(
 
 
 @pytest.mark.parametrize("length", [0, 1, 300, 3217, N_SAMPLES - 201, N_SAMPLES - 50, N_SAMPLES, N_SAMPLES + 999])
-def test_edge_lengths_match(length: int, front_end: str) -> None:
+def test_edge_lengths_match(length: int, audio_kernel_path: str) -> None:
     """Empty and tiny clips, and audio reaching the right reflect padding, where frames that
     would otherwise be skipped as all-zero carry mirrored audio."""
     audio = (0.1 * np.random.default_rng(length).standard_normal(length)).astype(np.float32)
@@ -113,7 +102,7 @@ def test_edge_lengths_match(length: int, front_end: str) -> None:
 
 
 @pytest.mark.parametrize("padding", [16_000, 160_080])
-def test_other_padding_lengths_match(padding: int, front_end: str) -> None:
+def test_other_padding_lengths_match(padding: int, audio_kernel_path: str) -> None:
     """Shorter windows, including one that is not a whole number of hops."""
     audio = _speech_like(10.0, 5)[: padding - 40]  # reaches the right reflect padding
     expected = _reference(audio, 80, padding)
@@ -122,7 +111,7 @@ def test_other_padding_lengths_match(padding: int, front_end: str) -> None:
     assert _max_diff(log_mel_jax(pad_or_trim(audio, padding)[None])[0], expected) <= TOLERANCE
 
 
-def test_batch_matches_single(speech_like_clips: list[np.ndarray], front_end: str) -> None:
+def test_batch_matches_single(speech_like_clips: list[np.ndarray], audio_kernel_path: str) -> None:
     singles = np.stack([log_mel_numpy(clip) for clip in speech_like_clips])
     np.testing.assert_allclose(log_mel_numpy_batch(speech_like_clips), singles, rtol=0, atol=1e-6)
 
@@ -133,7 +122,7 @@ def test_batch_matches_single(speech_like_clips: list[np.ndarray], front_end: st
         np.testing.assert_allclose(single, batched[i], rtol=0, atol=1e-5)
 
 
-def test_per_clip_floor(front_end: str) -> None:
+def test_per_clip_floor(audio_kernel_path: str) -> None:
     """The max - 8 floor belongs to each clip: a loud neighbour must not change a quiet clip."""
     quiet, loud = _speech_like(2.0, 1) * 1e-3, _speech_like(2.0, 2)
     batch = log_mel_numpy_batch([quiet, loud])
