@@ -41,12 +41,17 @@ def available() -> bool:
     return library() is not None
 
 
-def log_mel_into(audio: np.ndarray, padding: int, filters: np.ndarray, out: np.ndarray, n_active: int) -> None:
-    """Whisper log-mel of `audio` (float32, contiguous) into `out` [n_mels, frames] (see
-    `jaxasr.audio.features`); `filters` is the float32 bank [n_mels, 201]."""
+def _require() -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise RuntimeError("jaxasr's audio kernels are not available here; check `available()` first")
+    return lib
+
+
+def log_mel_into(audio: np.ndarray, padding: int, filters: np.ndarray, out: np.ndarray, n_active: int) -> None:
+    """Whisper log-mel of `audio` (float32, contiguous) into `out` [n_mels, frames] (see
+    `jaxasr.audio.features`); `filters` is the float32 bank [n_mels, 201]."""
+    lib = _require()
     n_mels, n_out = out.shape
     if lib.jaxasr_log_mel(audio, len(audio), padding, filters, n_mels, out, n_out, n_active):
         raise ValueError(f"log-mel: bad arguments (padding {padding}, {n_active} of {n_out} frames)")
@@ -78,9 +83,7 @@ def resample_phases(up: int, down: int, taps: int = TAPS) -> np.ndarray:
 def resample(x: np.ndarray, in_rate: float, out_rate: float, max_denominator: int = 1000) -> np.ndarray:
     """`x` (float32) resampled from `in_rate` to `out_rate`, the ratio taken as a fraction with a
     denominator of at most `max_denominator` (0.9 -> 10/9); len(x) * ratio samples, rounded half up."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("jaxasr's audio kernels are not available here; check `available()` first")
+    lib = _require()
     ratio = Fraction(out_rate / in_rate).limit_denominator(max_denominator)
     up, down = ratio.numerator, ratio.denominator
     x = np.ascontiguousarray(x, dtype=np.float32)
