@@ -30,8 +30,11 @@ def library() -> ctypes.CDLL | None:
     """The built kernels, or None (with a warning saying why) where they cannot be used."""
     lib = load_library(SOURCE, what="jaxasr audio kernels", switch="JAXASR_AUDIO_KERNELS",
                        fallback="NumPy and soxr")
-    if lib is None:
-        return None
+    return None if lib is None else declare(lib)
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` (a build of SOURCE) with its entry points' argument types set."""
     lib.jaxasr_log_mel.argtypes = [_F32, _I64, _I64, _F32, ctypes.c_int, _F32, _I64, _I64]
     lib.jaxasr_resample.argtypes = [_F32, _I64, ctypes.c_int, ctypes.c_int, _F32, ctypes.c_int, _F32, _I64]
     return lib

@@ -4,6 +4,7 @@ on both paths is in tests/audio/test_features.py."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -67,6 +68,32 @@ def test_log_mel_matches_numpy_path(length):
     features._log_mel_into_numpy(audio, features.N_SAMPLES, numpy, n_active)
     assert np.isfinite(native).all()  # every frame written, skipped ones included
     np.testing.assert_allclose(native, numpy, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 instruction set levels")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_narrower_simd_builds_match(march):
+    """The kernels built for AVX2 (8 lanes) and SSE2 (4 lanes), whatever this CPU has: same
+    log-mel as the NumPy path and same resampling as this machine's own build."""
+    from jaxasr.kernels.build import build_library, compiler
+
+    lib = audio_kernels.declare(ctypes.CDLL(str(build_library(audio_kernels.SOURCE, compiler(),
+                                                              args=[f"-march={march}"]))))
+    rng = np.random.default_rng(7)
+    for length, n_mels in ((1_000, 80), (48_017, 128), (features.N_SAMPLES, 80)):
+        audio = (0.2 * rng.standard_normal(length)).astype(np.float32)
+        n_active = features._active_frames(length, features.N_SAMPLES)
+        out = np.full((n_mels, features.N_FRAMES), np.nan, np.float32)
+        assert lib.jaxasr_log_mel(audio, length, features.N_SAMPLES, features._mel_filters_t32(n_mels), n_mels,
+                                  out, features.N_FRAMES, n_active) == 0
+        numpy = np.empty_like(out)
+        features._log_mel_into_numpy(audio, features.N_SAMPLES, numpy, n_active)
+        np.testing.assert_allclose(out, numpy, rtol=0, atol=3e-5)
+    x = (0.2 * rng.standard_normal(20_000)).astype(np.float32)
+    y = np.empty(18_182, np.float32)  # 20000 * 10 / 11, rounded half up
+    assert lib.jaxasr_resample(x, len(x), 10, 11, audio_kernels.resample_phases(10, 11), audio_kernels.TAPS,
+                               y, len(y)) == 0
+    np.testing.assert_allclose(y, audio_kernels.resample(x, SR * 1.1, SR), rtol=0, atol=1e-5)
 
 
 def test_log_mel_rejects_bad_arguments():
