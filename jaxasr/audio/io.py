@@ -14,6 +14,10 @@ class AudioError(ValueError):
     """Audio that cannot be turned into samples; the message names the file and the reason."""
 
 
+class SampleRateMismatch(AudioError):
+    """The audio's own sample rate is not the one its metadata declares."""
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     """Decode the file at `path` to mono float32 at `sample_rate`."""
     path = Path(path)
@@ -22,17 +26,21 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     return _decode(path, sample_rate, str(path))
 
 
-def decode_audio_bytes(data: bytes, sample_rate: int = 16000, name: str = "<bytes>") -> np.ndarray:
-    """Decode an in-memory audio file to mono float32 at `sample_rate`; `name` labels errors."""
-    return _decode(io.BytesIO(data), sample_rate, name)
+def decode_audio_bytes(data: bytes, sample_rate: int = 16000, name: str = "<bytes>",
+                       declared_rate: int | None = None) -> np.ndarray:
+    """Decode an in-memory audio file to mono float32 at `sample_rate`; `name` labels errors.
+    With `declared_rate`, a file at any other rate is an error (the metadata is wrong)."""
+    return _decode(io.BytesIO(data), sample_rate, name, declared_rate)
 
 
-def _decode(source: Path | BinaryIO, sample_rate: int, name: str) -> np.ndarray:
+def _decode(source: Path | BinaryIO, sample_rate: int, name: str, declared_rate: int | None = None) -> np.ndarray:
     try:
         samples, rate = sf.read(source, dtype="float32", always_2d=True)
     except sf.SoundFileError as e:  # unknown format, corrupt stream...
         reason = " ".join(getattr(e, "error_string", str(e)).split())  # keep it one line
         raise AudioError(f"{name}: cannot decode audio ({reason})") from e
+    if declared_rate and rate != declared_rate:
+        raise SampleRateMismatch(f"{name}: declared {declared_rate} Hz but the audio is {rate} Hz")
     if samples.size == 0:
         raise AudioError(f"{name}: no audio samples")
     if not np.isfinite(samples).all():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +22,7 @@ import soxr
 
 from jaxasr.audio import augment
 from jaxasr.audio.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_numpy
-from jaxasr.audio.io import AudioError, decode_audio_bytes
+from jaxasr.audio.io import AudioError, SampleRateMismatch, decode_audio_bytes
 from jaxasr.data.errors import DataError, is_skip, skip_marker
 from jaxasr.data.text import WhisperTargets, corrupt_text, decode_text
 
@@ -118,14 +117,11 @@ class LimitDuration(_Map):
 
 def _decode_bytes(ex: Example, name: str, sample_rate: int) -> np.ndarray:
     data = bytes(ex["audio_bytes"])
-    declared = int(ex.get("sample_rate") or 0)
     try:
-        if declared:
-            # Header only: a record that says 8 kHz over a 16 kHz file is corrupt metadata.
-            actual = sf.info(io.BytesIO(data)).samplerate
-            if actual != declared:
-                raise DataError("sample_rate", f"{name}: declared {declared} Hz but the audio is {actual} Hz")
-        return decode_audio_bytes(data, sample_rate, name)
+        # A record that says 8 kHz over a 16 kHz file is corrupt metadata, not audio to resample.
+        return decode_audio_bytes(data, sample_rate, name, declared_rate=int(ex.get("sample_rate") or 0))
+    except SampleRateMismatch as e:
+        raise DataError("sample_rate", str(e)) from e
     except AudioError as e:
         msg = str(e)
         reason = ("audio_empty" if "no audio samples" in msg
