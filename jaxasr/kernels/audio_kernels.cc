@@ -191,6 +191,7 @@ inline void transpose_round(Lanes* v) {
 }
 
 inline void transpose(Lanes* v) { transpose_round<kLanes / 2>(v); }
+static_assert(kFft % kLanes == 0, "a frame is a whole number of tiles");
 
 // Sample p of the signal the STFT frames: `audio` (n samples, n <= padding) zero-padded to
 // `padding` samples, reflect-padded by kPad on each side as torch.stft(center=True) does.
