@@ -9,8 +9,10 @@ Examples that carry precomputed encoder outputs (`encoded`) pass the audio steps
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import threading
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -320,7 +322,12 @@ class MultiScale(grain.MapDataset):
     `scales` (seconds, jittered, at most `max_seconds`) and append the next whole utterances of
     the (shuffled) parent, with `gap_seconds` of silence and their transcripts, while the total
     stays within it. Transcripts are never cut: only whole utterances keep audio and text aligned.
-    Seeded per index, so it is deterministic and resumable. Expects decoded, text-checked input."""
+    Seeded per index, so it is deterministic and resumable. Expects decoded, text-checked input.
+
+    The last `2 * max_parts` parent items read are kept (per process, not pickled): index i's
+    neighbours are the next indices' own items and neighbours, and decoding each of them again
+    cost as much as the rest of the pipeline with FLAC records. Parent items are deterministic,
+    so this changes no output; later steps must not modify an item in place (none does)."""
 
     def __init__(self, parent: grain.MapDataset, *, seed: int, scales: Sequence[float] = (5.0, 10.0, 20.0, 30.0),
                  prob: float = 0.5, gap_seconds: float = 0.2, max_parts: int = 8,
@@ -328,6 +335,30 @@ class MultiScale(grain.MapDataset):
         super().__init__(parent)
         self.seed, self.scales, self.prob = seed, tuple(scales), prob
         self.gap_seconds, self.max_parts, self.max_seconds = gap_seconds, max_parts, max_seconds
+        self._new_cache()
+
+    def _new_cache(self) -> None:
+        self._recent: collections.OrderedDict[int, Example] = collections.OrderedDict()
+        self._recent_lock = threading.Lock()  # Grain's read threads call __getitem__ concurrently
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_recent", "_recent_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._new_cache()
+
+    def _read(self, index: int) -> Example:
+        with self._recent_lock:
+            if index in self._recent:
+                self._recent.move_to_end(index)
+                return self._recent[index]
+        item = self._parent[index]
+        with self._recent_lock:
+            self._recent[index] = item
+            while len(self._recent) > 2 * self.max_parts:
+                self._recent.popitem(last=False)
+        return item
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -338,7 +369,7 @@ class MultiScale(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        first = self._parent[index]
+        first = self._read(index)
         rng = np.random.default_rng([self.seed, index])
         if skipped(first) or "audio" not in first or rng.random() >= self.prob:
             return first
@@ -348,7 +379,7 @@ class MultiScale(grain.MapDataset):
         total = len(first["audio"]) / rate
         # Neighbours beyond the end come from the next epoch's order (indices wrap in Grain).
         for k in range(1, self.max_parts):
-            nxt = self._parent[index + k]
+            nxt = self._read(index + k)
             if skipped(nxt):
                 continue  # counted when it is reached as an example of its own
             extra = len(nxt["audio"]) / rate + self.gap_seconds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import grain
 import numpy as np
 import pytest
@@ -191,6 +193,33 @@ def test_multiscale_concatenates_whole_utterances(speech_clips):
         assert len(out["audio"]) / SR <= 24.0 + 1e-6
         assert ms[index]["text"] == out["text"]  # seeded per index: deterministic
     assert T.MultiScale(parent, seed=0, prob=0.0)[3] is parent[3]
+
+
+_READS: list[str] = []
+
+
+class _CountReads(grain.transforms.Map):
+    def map(self, ex):
+        _READS.append(ex["id"])
+        return ex
+
+
+def test_multiscale_reads_each_neighbour_once_and_outputs_the_same(speech_clips):
+    parent = grain.MapDataset.source([_decoded(c, i) for i, c in enumerate(speech_clips)]).map(_CountReads())
+    ms = T.MultiScale(parent, seed=0, scales=(20.0,), prob=1.0)
+    _READS.clear()
+    in_order = [ms[i] for i in range(12)]
+    # Indices 0 .. 11 and 11's neighbours (wrapping into the next epoch's order), including the
+    # first that did not fit, each read once; without the cache every example re-reads ~5.
+    parts = [int(ex["id"].split("+")[1]) + 1 for ex in in_order]
+    assert min(parts) >= 3 and len(_READS) == 12 + parts[11]
+    # A copy without the cache (pickled), read backwards so nothing is reused: the same examples.
+    fresh = pickle.loads(pickle.dumps(ms))
+    assert not fresh._recent
+    for i in reversed(range(12)):
+        out = fresh[i]
+        assert out["id"] == in_order[i]["id"] and out["text"] == in_order[i]["text"]
+        np.testing.assert_array_equal(out["audio"], in_order[i]["audio"])
 
 
 def test_multiscale_scales_vary_and_respect_30s(speech_clips):
