@@ -16,6 +16,19 @@
 #include <utility>
 #include <vector>
 
+// Two-vector shuffles with constant indices: __builtin_shufflevector (clang, GCC >= 12), else
+// GCC's own __builtin_shuffle.
+#ifndef JAXASR_HAS_SHUFFLEVECTOR
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define JAXASR_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+#endif
+#ifndef JAXASR_HAS_SHUFFLEVECTOR
+#define JAXASR_HAS_SHUFFLEVECTOR 0
+#endif
+
 namespace {
 
 constexpr int kFft = 400;
@@ -169,23 +182,29 @@ void fft_half(Lanes* re, Lanes* im, Lanes* tr, Lanes* ti) {
 // Transpose of a kLanes x kLanes tile held as kLanes vectors (v[i][p] -> v[p][i]): log2(kLanes)
 // rounds of two-vector shuffles, each swapping the off-diagonal h x h blocks of every 2h x 2h
 // block.
-typedef int LaneIndex __attribute__((vector_size(4 * kLanes)));
+constexpr int block_swap_index(int h, bool high, int p) {
+  // Index into the concatenation (a, b): below kLanes picks a[i], else b[i - kLanes].
+  return high ? ((p & h) ? kLanes + p : p + h) : ((p & h) ? kLanes + p - h : p);
+}
 
-template <int H, int... P>
-constexpr LaneIndex block_swap_mask(bool high, std::integer_sequence<int, P...>) {
-  // __builtin_shuffle(a, b, m): m[p] < kLanes picks a[m[p]], else b[m[p] - kLanes].
-  return LaneIndex{(high ? ((P & H) ? kLanes + P : P + H) : ((P & H) ? kLanes + P - H : P))...};
+template <int H, bool High, int... P>
+inline Lanes block_swap(Lanes a, Lanes b, std::integer_sequence<int, P...>) {
+#if JAXASR_HAS_SHUFFLEVECTOR
+  return __builtin_shufflevector(a, b, block_swap_index(H, High, P)...);
+#else
+  typedef int LaneIndex __attribute__((vector_size(4 * kLanes)));
+  return __builtin_shuffle(a, b, LaneIndex{block_swap_index(H, High, P)...});
+#endif
 }
 
 template <int H>
 inline void transpose_round(Lanes* v) {
-  constexpr LaneIndex lo = block_swap_mask<H>(false, std::make_integer_sequence<int, kLanes>{});
-  constexpr LaneIndex hi = block_swap_mask<H>(true, std::make_integer_sequence<int, kLanes>{});
+  constexpr auto lanes = std::make_integer_sequence<int, kLanes>{};
   for (int i = 0; i < kLanes; ++i) {
     if (i & H) continue;
     const Lanes a = v[i], b = v[i + H];
-    v[i] = __builtin_shuffle(a, b, lo);
-    v[i + H] = __builtin_shuffle(a, b, hi);
+    v[i] = block_swap<H, false>(a, b, lanes);
+    v[i + H] = block_swap<H, true>(a, b, lanes);
   }
   if constexpr (H > 1) transpose_round<H / 2>(v);
 }

@@ -70,15 +70,25 @@ def test_log_mel_matches_numpy_path(length):
     np.testing.assert_allclose(native, numpy, rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 instruction set levels")
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
-def test_narrower_simd_builds_match(march):
-    """The kernels built for AVX2 (8 lanes) and SSE2 (4 lanes), whatever this CPU has: same
-    log-mel as the NumPy path and same resampling as this machine's own build."""
+def _gcc(cxx: str) -> bool:
+    return "Free Software Foundation" in subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("variant", ["avx2", "sse2", "gcc_builtin_shuffle"])
+def test_other_builds_match(variant):
+    """Builds this host would not pick: for AVX2 (8 lanes) and SSE2 (4 lanes) whatever this CPU
+    has, and with GCC's __builtin_shuffle (GCC < 12 has no __builtin_shufflevector). Same log-mel
+    as the NumPy path, same resampling as this machine's own build."""
     from jaxasr.kernels.build import build_library, compiler
 
-    lib = audio_kernels.declare(ctypes.CDLL(str(build_library(audio_kernels.SOURCE, compiler(),
-                                                              args=[f"-march={march}"]))))
+    cxx = compiler()
+    if variant in ("avx2", "sse2") and os.uname().machine != "x86_64":
+        pytest.skip("x86-64 instruction set levels")
+    if variant == "gcc_builtin_shuffle" and not _gcc(cxx):
+        pytest.skip(f"{cxx} is not GCC")
+    args = {"avx2": ["-march=x86-64-v3"], "sse2": ["-march=x86-64"],
+            "gcc_builtin_shuffle": ["-DJAXASR_HAS_SHUFFLEVECTOR=0"]}[variant]
+    lib = audio_kernels.declare(ctypes.CDLL(str(build_library(audio_kernels.SOURCE, cxx, args=args))))
     rng = np.random.default_rng(7)
     for length, n_mels in ((1_000, 80), (48_017, 128), (features.N_SAMPLES, 80)):
         audio = (0.2 * rng.standard_normal(length)).astype(np.float32)
