@@ -168,6 +168,7 @@ def spec_augment(
     time_mask_width: int = 100,
     time_mask_ratio: float = 0.05,
     mask_value: float | None = None,
+    in_place: bool = False,
 ) -> np.ndarray:
     """SpecAugment on a log-mel ``[n_mels, frames]`` with length-adaptive time masks.
 
@@ -183,8 +184,15 @@ def spec_augment(
 
     So a 30 s clip gets 10 masks of up to 100 frames, a 2 s clip (200 frames) one mask of up to
     10 frames. Masked cells take ``mask_value``, by default the mean of the valid region.
+    Returns a masked copy, or with ``in_place`` masks ``log_mel`` itself (writable float32).
     """
-    spec = np.array(log_mel, dtype=np.float32)  # copy
+    if in_place:
+        if log_mel.dtype != np.float32 or not log_mel.flags.writeable:
+            what = f"{'' if log_mel.flags.writeable else 'read-only '}{log_mel.dtype}"
+            raise ValueError(f"in-place SpecAugment needs a writable float32 array, got a {what} one")
+        spec = log_mel
+    else:
+        spec = np.array(log_mel, dtype=np.float32)  # copy
     if spec.ndim != 2:
         raise ValueError(f"expected [n_mels, frames], got shape {spec.shape}")
     n_mels, frames = spec.shape

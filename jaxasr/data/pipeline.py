@@ -121,9 +121,11 @@ def example_dataset(source, *, kind: str, targets: WhisperTargets, n_mels: int, 
             step = getattr(aug, step_name)
             if step is not None:
                 ds = ds.random_map(step, seed=T.derive_seed(seed, step_name))
-        ds = ds.map(T.LogMel(n_mels))
-        if aug.spec_augment is not None:
-            ds = ds.random_map(aug.spec_augment, seed=T.derive_seed(seed, "spec_augment"))
+        if aug.spec_augment is None:
+            ds = ds.map(T.LogMel(n_mels))
+        else:  # one step: the masks go into the fresh features in place
+            ds = ds.random_map(T.LogMelSpecAugment(T.LogMel(n_mels), aug.spec_augment),
+                               seed=T.derive_seed(seed, "spec_augment"))
     ds = ds.map(T.Tokenize(targets, max_tokens=max_label_tokens))
     return _process_share(ds.repeat(None) if repeat else ds, process_index, process_count)
 

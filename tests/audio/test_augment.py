@@ -333,3 +333,15 @@ def test_concat_utterances(speech):
     assert text == f"take the amoxicillin {SENTENCE}"
     with pytest.raises(ValueError):
         concat_utterances([a], ["x", "y"])
+
+
+def test_spec_augment_in_place():
+    spec = _log_mel(80, 3000, 2500).copy()
+    copy = spec_augment(spec, _rng(5), valid_frames=2500)
+    assert not np.array_equal(copy, spec)  # the input was left alone...
+    same = spec_augment(spec, _rng(5), valid_frames=2500, in_place=True)
+    assert same is spec and np.array_equal(spec, copy)  # ...unless asked to mask it
+    with pytest.raises(ValueError, match="writable float32 array, got a read-only"):
+        spec_augment(_log_mel(80, 3000, 2500), _rng(5), in_place=True)
+    with pytest.raises(ValueError, match="got a float64"):
+        spec_augment(spec.astype(np.float64), _rng(5), in_place=True)

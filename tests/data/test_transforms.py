@@ -147,6 +147,19 @@ def test_spec_augment_masks_only_real_frames(speech_clips):
     np.testing.assert_array_equal(again["features"], out["features"])
 
 
+def test_log_mel_spec_augment_in_one_step_is_the_two_steps(speech_clips):
+    ex = _decoded(speech_clips[0])
+    audio = ex["audio"].copy()
+    spec = T.SpecAugment(num_freq_masks=2, freq_mask_width=27, time_mask_ratio=0.2)
+    two = spec.random_map(T.LogMel(80).map(ex), _rng(4))
+    one = T.LogMelSpecAugment(T.LogMel(80), spec).random_map(ex, _rng(4))
+    np.testing.assert_array_equal(one["features"], two["features"])
+    assert one["valid_frames"] == two["valid_frames"] and "audio" not in one
+    np.testing.assert_array_equal(ex["audio"], audio)  # the input example is left alone
+    marker = {"skip": "audio_empty", "message": "m", "id": "x"}
+    assert T.LogMelSpecAugment(T.LogMel(80), spec).random_map(marker, _rng()) is marker
+
+
 def test_encoded_examples_skip_the_audio_steps():
     ex = {"id": "e", "encoded": np.ones((1500, 8), np.float16), "text": "hello"}
     for step in (T.DecodeAudio(), T.LogMel(80), T.LimitDuration()):
