@@ -30,8 +30,8 @@ rows (Grain mp_prefetch, 1 and 2 processes, read_threads=1 each) run afterwards 
 a warm-up that also drains their buffers, `--worker-batches` batches are timed, overall examples/s.
 `--profile` adds cProfile of the in-process jaxasr iterator and a per-step time breakdown (FLAC).
 The ratios (jaxasr without multi-scale over the faster transformers row, per core) print last,
-one per codec, PCM last. FLAC decoding costs both sides the same ~2.5-4 ms per clip, which bounds
-the FLAC ratio however fast the rest of jaxasr's pipeline is.
+one per codec, PCM last. FLAC decoding (libsndfile, 1.3-4 ms a clip on the machines measured)
+costs both sides the same, which bounds the FLAC ratio however fast the rest of jaxasr's pipeline is.
 Freed heap memory is retained in this process for both sides (`jaxasr.host_memory`, as the train
 CLI does; the pipeline's Grain workers do it themselves).
 """
