@@ -118,14 +118,7 @@ def _load(path: Path, sample_rate: int, name: str):
     try:
         return load_audio(path, sample_rate)
     except AudioError as e:
-        message = str(e)
-        if "no audio samples" in message:
-            reason = "audio_empty"
-        elif "non-finite" in message:
-            reason = "audio_nonfinite"
-        else:
-            reason = "audio_undecodable"
-        raise DataError(reason, message) from e
+        raise DataError(e.reason, str(e)) from e
     except (RuntimeError, ValueError) as e:  # soxr and friends on very odd inputs
         raise DataError("audio_undecodable", f"{name}: {e}") from e
 

@@ -24,7 +24,7 @@ import soxr
 
 from jaxasr.audio import augment
 from jaxasr.audio.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_numpy
-from jaxasr.audio.io import AudioError, SampleRateMismatch, decode_audio_bytes
+from jaxasr.audio.io import AudioError, decode_audio_bytes
 from jaxasr.data.errors import DataError, is_skip, skip_marker
 from jaxasr.data.text import WhisperTargets, corrupt_text, decode_text
 
@@ -122,15 +122,8 @@ def _decode_bytes(ex: Example, name: str, sample_rate: int) -> np.ndarray:
     try:
         # A record that says 8 kHz over a 16 kHz file is corrupt metadata, not audio to resample.
         return decode_audio_bytes(data, sample_rate, name, declared_rate=int(ex.get("sample_rate") or 0))
-    except SampleRateMismatch as e:
-        raise DataError("sample_rate", str(e)) from e
     except AudioError as e:
-        msg = str(e)
-        reason = ("audio_empty" if "no audio samples" in msg
-                  else "audio_nonfinite" if "non-finite" in msg else "audio_undecodable")
-        raise DataError(reason, msg) from e
-    except DataError:
-        raise
+        raise DataError(e.reason, str(e)) from e
     except (sf.SoundFileError, RuntimeError, ValueError, TypeError) as e:  # libsndfile, soxr on odd input
         raise DataError("audio_undecodable", f"{name}: cannot decode audio ({e})") from e
 

@@ -150,31 +150,37 @@ def test_load_audio_downmixes_and_resamples(tmp_path, fmt: str) -> None:
     np.testing.assert_array_equal(decode_audio_bytes(path.read_bytes()), audio)
 
 
-def _assert_error(path, reason: str) -> None:
+def _assert_error(path, reason: str, code: str) -> None:
     with pytest.raises(AudioError) as info:
         load_audio(path)
     message = str(info.value)
     assert str(path) in message and reason in message and "\n" not in message
+    assert info.value.reason == code  # the pipeline's skip reason
 
 
 def test_load_audio_errors(tmp_path) -> None:
-    _assert_error(tmp_path / "missing.wav", "no such file")
+    _assert_error(tmp_path / "missing.wav", "no such file", "audio_missing")
 
     garbage = tmp_path / "garbage.flac"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
-    _assert_error(garbage, "cannot decode")
+    _assert_error(garbage, "cannot decode", "audio_undecodable")
 
     zero_bytes = tmp_path / "zero_bytes.wav"
     zero_bytes.write_bytes(b"")
-    _assert_error(zero_bytes, "cannot decode")
+    _assert_error(zero_bytes, "cannot decode", "audio_undecodable")
 
     no_frames = tmp_path / "no_frames.wav"
     sf.write(no_frames, np.zeros((0, 1), np.float32), SAMPLE_RATE)
-    _assert_error(no_frames, "no audio samples")
+    _assert_error(no_frames, "no audio samples", "audio_empty")
 
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.array([0.0, np.nan, 0.1], np.float32), SAMPLE_RATE, subtype="FLOAT")
-    _assert_error(nan, "non-finite")
+    _assert_error(nan, "non-finite", "audio_nonfinite")
 
     with pytest.raises(AudioError, match="^clip-7: cannot decode"):
         decode_audio_bytes(b"not audio" * 10, name="clip-7")
+    wav = tmp_path / "ok.wav"
+    sf.write(wav, np.zeros(160, np.float32), SAMPLE_RATE)
+    with pytest.raises(AudioError, match="declared 8000 Hz but the audio is 16000 Hz") as info:
+        decode_audio_bytes(wav.read_bytes(), declared_rate=8000)
+    assert info.value.reason == "sample_rate"
